@@ -1,0 +1,46 @@
+"""Rollout throughput on the embedded model: 1, 8 and 32 concurrent programs vs sequential.
+
+Prints trajectories/s and generated tokens/s for each concurrency, and the ratio against
+concurrency 1 measured in the same run. Usage: python benchmarks/rollout_throughput.py [--n 32]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+from mmgrpo.lm.base import SamplingParams
+from mmgrpo.lm.hf import HFBackend
+from mmgrpo.rollout import sample
+from mmgrpo.tasks import get_task
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=32, help="trajectories per setting")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    args = ap.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    lm = HFBackend.load()
+    task = get_task("banking77", n_labels=10, n_demos=5, reasoning=False)
+    prog = task.make_program()
+    exs = task.train[: args.n]
+    params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens)
+    sample(prog, exs[:2], task.reward, lm, params=params, concurrency=2, progress=False)  # warm-up
+    rows = []
+    for conc in (1, 8, 32):
+        before = lm.stats["generated_tokens"]
+        res = sample(prog, exs, task.reward, lm, params=params, concurrency=conc, progress=False, seed=conc)
+        toks = lm.stats["generated_tokens"] - before
+        rows.append((conc, len(exs) / res.seconds, toks / res.seconds, res.seconds))
+    base = rows[0][1]
+    print(f"{'concurrency':>11} {'traj/s':>8} {'gen tok/s':>10} {'seconds':>8} {'vs sequential':>14}")
+    for conc, tps, toks, secs in rows:
+        print(f"{conc:>11} {tps:>8.2f} {toks:>10.1f} {secs:>8.1f} {tps / base:>13.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The ``mmgrpo`` command: eval, train."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .tasks import TASKS
+
+
+def _table(rows: list[tuple], headers: tuple) -> str:
+    cols = [headers] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(headers))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(headers), line(tuple("-" * w for w in widths))] + [line(r) for r in cols[1:]])
+
+
+def _task_options(args) -> dict:
+    opts = {}
+    for key in ("n_labels", "n_demos", "seed"):
+        v = getattr(args, key, None)
+        if v is not None:
+            opts[key] = v
+    if getattr(args, "no_reasoning", False):
+        opts["reasoning"] = False
+    return opts
+
+
+def cmd_eval(args) -> int:
+    from .lm.hf import HFBackend
+    from .rollout import evaluate
+    from .runlog import RunDir
+    from .tasks import get_task
+
+    task = get_task(args.task, **_task_options(args))
+    examples = task.split(args.split)[: args.limit] if args.limit else task.split(args.split)
+    lm = HFBackend.load(args.model)
+    program = task.make_program()
+    t0 = time.time()
+    res = evaluate(program, examples, task.metric, lm, concurrency=args.concurrency, desc=f"eval {args.task}")
+    run = RunDir.new(args.out, f"eval-{args.task}")
+    run.write_json("results.json", {"task": args.task, "split": args.split, "model": args.model,
+                                    "mean": res.mean, "ci95": res.ci95, "n": res.n, "counts": res.counts,
+                                    "seconds": time.time() - t0, "settings": task.settings, "scores": res.scores})
+    print(_table([(args.task, args.split, f"{res.mean:.3f}", f"±{res.ci95:.3f}", res.n, res.counts["ok"],
+                   res.counts["parse_failure"], res.counts["error"], f"{res.seconds:.0f}s")],
+                 ("task", "split", "score", "95% CI", "n", "ok", "parse_fail", "error", "time")))
+    print(f"results: {run.path / 'results.json'}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .grpo.config import load_config
+    from .grpo.run import train_from_config
+
+    cfg = load_config(args.config, overrides=args.set or [])
+    return train_from_config(cfg, resume=args.resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mmgrpo", description="Multi-module GRPO and prompt optimization for LM programs")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("eval", help="evaluate a task's program on a split")
+    e.add_argument("--task", choices=TASKS, required=True)
+    e.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    e.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples only")
+    e.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or Hugging Face id")
+    e.add_argument("--concurrency", type=int, default=16)
+    e.add_argument("--n-labels", dest="n_labels", type=int, default=None, help="banking77: narrow the label set")
+    e.add_argument("--n-demos", dest="n_demos", type=int, default=None, help="banking77: labelled demos in the prompt")
+    e.add_argument("--no-reasoning", action="store_true", help="banking77: label only, no reasoning field")
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--out", default="runs", help="folder for the results")
+    e.set_defaults(fn=cmd_eval)
+
+    t = sub.add_parser("train", help="run mmGRPO from a TOML/YAML config")
+    t.add_argument("config")
+    t.add_argument("--resume", default=None, help="a run folder to continue from its last checkpoint")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.set_defaults(fn=cmd_train)
+
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"mmgrpo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The one seam between programs and LM engines.
+
+A backend takes chat messages (or prompt token ids) and sampling settings and returns
+completions with their token ids and per-token log-probs (T=1, no top-p: the policy's own
+distribution, which is what the GRPO update recomputes).
+"""
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def with_(self, **kw) -> "SamplingParams":
+        return replace(self, **kw)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"  # "stop" | "length"
+
+
+@runtime_checkable
+class LM(Protocol):
+    """What a Module needs from an engine."""
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Completion: ...
+
+
+_current_lm: contextvars.ContextVar[LM | None] = contextvars.ContextVar("mmgrpo_lm", default=None)
+_current_params: contextvars.ContextVar[SamplingParams] = contextvars.ContextVar(
+    "mmgrpo_params", default=SamplingParams(temperature=0.0))
+
+
+def current_lm() -> LM:
+    lm = _current_lm.get()
+    if lm is None:
+        raise RuntimeError("no LM is set: run the program inside `with using(lm):` "
+                           "(rollout.sample and rollout.evaluate do this for you)")
+    return lm
+
+
+def current_params() -> SamplingParams:
+    return _current_params.get()
+
+
+@contextmanager
+def using(lm: LM, params: SamplingParams | None = None) -> Iterator[LM]:
+    t1 = _current_lm.set(lm)
+    t2 = _current_params.set(params) if params is not None else None
+    try:
+        yield lm
+    finally:
+        _current_lm.reset(t1)
+        if t2 is not None:
+            _current_params.reset(t2)

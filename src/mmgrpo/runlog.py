@@ -1,0 +1,77 @@
+"""The run folder: config, metrics.jsonl, checkpoints, report. Every write is atomic."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def new(cls, root: str | Path, name: str) -> "RunDir":
+        return cls(Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        write_json(self.path / name, obj)
+        return self.path / name
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def log(self, record: dict, name: str = "metrics.jsonl") -> None:
+        """Append one JSON line; flushed and fsynced so a kill loses at most the line in flight."""
+        with open(self.path / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_log(self, name: str = "metrics.jsonl") -> list[dict]:
+        p = self.path / name
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a kill: drop only that
+        return out
+
+    def truncate_log(self, keep_steps_upto: int, name: str = "metrics.jsonl") -> None:
+        """On resume, forget lines written after the checkpoint we resume from."""
+        rows = [r for r in self.read_log(name) if r.get("step", 0) <= keep_steps_upto]
+        atomic_write(self.path / name, "".join(json.dumps(r, default=str) + "\n" for r in rows))

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real embedded model, loaded once per test session."""
+from __future__ import annotations
+
+import pytest
+
+from mmgrpo.lm.base import Completion, SamplingParams
+
+
+@pytest.fixture(scope="session")
+def lm():
+    from mmgrpo.lm.hf import HFBackend
+
+    return HFBackend.load("smollm2-135m", max_wait_s=0.05)
+
+
+class ScriptedLM:
+    """A deterministic test engine: replies are given in advance (for the failure paths)."""
+
+    def __init__(self, replies):
+        self.replies = replies  # callable(messages) -> str
+
+    def chat(self, messages, params: SamplingParams) -> Completion:
+        text = self.replies(messages)
+        ids = [ord(c) % 1000 for c in text] or [0]
+        return Completion(text=text, token_ids=ids, logprobs=[-0.5] * len(ids), prompt_ids=[1, 2, 3])
+
+
+@pytest.fixture
+def scripted():
+    return ScriptedLM

@@ -1,0 +1,95 @@
+"""The HF backend on the real embedded model: exact ids, log-probs, batching, determinism."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from mmgrpo import trace
+from mmgrpo.lm.base import SamplingParams, using
+from mmgrpo.models import ModelNotFound, load, resolve
+from mmgrpo.program import Example, Module, Prediction, Program
+from mmgrpo.rollout import sample
+
+
+class Ask(Program):
+    def __init__(self):
+        self.answer = Module("answer", ["question"], ["answer"], "Answer the question briefly.", max_tokens=24)
+
+    def forward(self, question):
+        return self.answer(question=question)
+
+
+def test_trace_records_the_exact_sampled_ids_and_they_round_trip(lm):
+    traj = trace.Trajectory("t", seed=7)
+    with using(lm, SamplingParams(temperature=1.0, max_tokens=24)), trace.recording(traj):
+        try:
+            Ask()(question="What is the capital of France?")
+        except Exception:
+            pass
+    call = traj.calls[0]
+    assert call.prompt_ids == lm.tokenize_chat(call.messages)
+    assert len(call.completion_ids) == len(call.logprobs) > 0
+    body = [t for t in call.completion_ids if t not in lm.stop_ids]
+    assert lm.tokenizer.decode(body, skip_special_tokens=True) == call.text
+    # stopped on the end-of-turn token, which the text never shows but the ids keep for training
+    if call.completion_ids[-1] in lm.stop_ids:
+        assert lm.tokenizer.encode(call.text, add_special_tokens=False) != call.completion_ids
+
+
+def test_logprobs_match_a_forward_pass(lm):
+    prompts = [lm.tokenize_chat([{"role": "user", "content": q}]) for q in ("Say hi.", "Count to five, slowly please.")]
+    outs = lm.generate_batch(prompts, [SamplingParams(temperature=1.0, max_tokens=12, seed=s) for s in (1, 2)])
+    for p, o in zip(prompts, outs):
+        ids = torch.tensor([p + o.token_ids])
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids).logits[0, len(p) - 1:-1].float()
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
+        assert torch.allclose(ref, torch.tensor(o.logprobs), atol=2e-3), (ref, o.logprobs)
+
+
+def test_greedy_is_deterministic_and_batch_invariant(lm):
+    p = lm.tokenize_chat([{"role": "user", "content": "Name a fruit."}])
+    other = lm.tokenize_chat([{"role": "user", "content": "Write a long sentence about the sea and the sky."}])
+    g = SamplingParams(temperature=0.0, max_tokens=16)
+    alone = lm.generate_batch([p], [g])[0]
+    batched = lm.generate_batch([other, p, other], [g, g, g])[1]
+    assert alone.token_ids == batched.token_ids
+
+
+def test_seeded_sampling_repeats(lm):
+    p = lm.tokenize_chat([{"role": "user", "content": "Tell me a word."}])
+    s = SamplingParams(temperature=1.0, max_tokens=10, seed=123)
+    a = lm.generate_batch([p], [s])[0]
+    b = lm.generate_batch([p, p], [s.with_(seed=5), s])[1]
+    assert a.token_ids == b.token_ids
+
+
+def test_concurrent_programs_keep_separate_traces_and_share_batches(lm):
+    qs = [f"What is {i} plus {i}?" for i in range(8)]
+    exs = [Example(f"q{i}", {"question": q}) for i, q in enumerate(qs)]
+    before = dict(lm.stats)
+    res = sample(Ask(), exs, lambda e, p: 1.0, lm, n_samples=2, concurrency=16,
+                 params=SamplingParams(temperature=1.0, max_tokens=8), progress=False)
+    assert len(res.trajectories) == 16
+    for t in res.trajectories:
+        assert len(t.calls) == 1
+        ex_q = qs[int(t.example_id[1:])]
+        assert t.calls[0].inputs["question"] == ex_q
+        assert ex_q in lm.tokenizer.decode(t.calls[0].prompt_ids)
+    batches = lm.stats["batches"] - before["batches"]
+    assert batches < 16, "16 concurrent requests should share generate calls"
+
+
+def test_bad_model_name_lists_what_was_tried():
+    with pytest.raises(ModelNotFound) as err:
+        resolve("no-such-model-xyz")
+    msg = str(err.value)
+    assert "no-such-model-xyz" in msg and "embedded" in msg and "local folder" in msg
+
+
+def test_local_folder_loads_like_the_embedded_name(lm, tmp_path):
+    path = resolve("smollm2-135m")
+    m = load(path)
+    assert m.model.config.hidden_size == lm.model.config.hidden_size
