@@ -28,7 +28,7 @@ shift || true
 case "$cmd" in
   demo)
     ensure_env
-    exec .venv/bin/mmgrpo eval --task banking77 --n-labels 10 --n-demos 5 --no-reasoning --limit 50 "$@" ;;
+    exec .venv/bin/mmgrpo train examples/banking77_demo.toml "$@" ;;
   test)
     ensure_env
     exec .venv/bin/python -m pytest -q "$@" ;;

@@ -1,0 +1,116 @@
+"""Module-level grouping of LM calls across the G trajectories of one example. Pure.
+
+A group is the calls that share (example, module, invocation index); each member carries
+its trajectory's reward, and its advantage is relative to the other members of its group.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..trace import ModuleCall, Trajectory
+
+MODES = ("truncate", "fill", "ragged")
+LEVELS = ("module", "trajectory")
+
+
+@dataclass
+class Member:
+    call: ModuleCall
+    reward: float
+    trajectory: int  # index of the trajectory within its example's G
+    advantage: float = 0.0
+    weight: float = 1.0  # per-trajectory normalization (see assign_weights)
+
+
+@dataclass
+class Group:
+    example_id: str
+    module: str
+    index: int  # invocation index; -1 for trajectory-level groups
+    members: list[Member]
+
+
+@dataclass
+class Grouping:
+    groups: list[Group] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # reason -> number of groups
+
+    @property
+    def members(self) -> list[Member]:
+        return [m for g in self.groups for m in g.members]
+
+    def counts(self) -> dict[str, int]:
+        return {"groups_used": len(self.groups), "samples": len(self.members),
+                **{f"groups_skipped_{k}": v for k, v in sorted(self.skipped.items())}}
+
+
+def _module_groups(example_id: str, trajs: Sequence[Trajectory], mode: str) -> list[Group]:
+    modules = sorted({c.module for t in trajs for c in t.calls})
+    out = []
+    for mod in modules:
+        per = [(ti, t.calls_of(mod), t.reward) for ti, t in enumerate(trajs)]
+        per = [p for p in per if p[1]]  # a trajectory that never reached the module has nothing to train
+        lengths = [len(calls) for _, calls, _ in per]
+        n_idx = min(lengths) if mode == "truncate" else max(lengths)
+        for i in range(n_idx):
+            members = []
+            for ti, calls, reward in per:
+                if i < len(calls):
+                    members.append(Member(calls[i], reward, ti))
+                elif mode == "fill":  # pad with this trajectory's own last call of the module
+                    members.append(Member(calls[-1], reward, ti))
+            out.append(Group(example_id, mod, i, members))
+    return out
+
+
+def group_calls(by_example: dict[str, Sequence[Trajectory]], mode: str = "truncate", level: str = "module",
+                min_size: int = 2) -> Grouping:
+    """Form groups for every example; drop (and count) the groups that carry no signal."""
+    if mode not in MODES:
+        raise ValueError(f"unknown grouping mode {mode!r}; use one of {MODES}")
+    if level not in LEVELS:
+        raise ValueError(f"unknown grouping level {level!r}; use one of {LEVELS}")
+    result = Grouping()
+    for ex_id, trajs in by_example.items():
+        if level == "module":
+            candidates = _module_groups(ex_id, trajs, mode)
+        else:
+            members = [Member(c, t.reward, ti) for ti, t in enumerate(trajs) for c in t.calls]
+            candidates = [Group(ex_id, "*", -1, members)] if members else []
+        if not candidates and trajs:
+            result.skipped["no_calls"] += 1
+        for g in candidates:
+            rewards = [m.reward for m in g.members]
+            if len({m.trajectory for m in g.members}) < min_size:
+                result.skipped["too_small"] += 1
+            elif max(rewards) - min(rewards) < 1e-12:
+                result.skipped["equal_rewards"] += 1
+            else:
+                result.groups.append(g)
+    return result
+
+
+def compute_advantages(grouping: Grouping, scale_rewards: bool = True, eps: float = 1e-4) -> None:
+    """Advantage = reward - group mean, divided by (group std + eps) when scale_rewards."""
+    for g in grouping.groups:
+        rs = [m.reward for m in g.members]
+        mean = sum(rs) / len(rs)
+        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
+        for m in g.members:
+            m.advantage = (m.reward - mean) / (std + eps) if scale_rewards else m.reward - mean
+
+
+def assign_weights(grouping: Grouping, per_trajectory: bool = True) -> None:
+    """With per_trajectory, each trajectory's members share a total weight of 1 per example,
+    so a trajectory with many calls does not outweigh one with few."""
+    if not per_trajectory:
+        for m in grouping.members:
+            m.weight = 1.0
+        return
+    count = Counter((g.example_id, m.trajectory) for g in grouping.groups for m in g.members)
+    for g in grouping.groups:
+        for m in g.members:
+            m.weight = 1.0 / count[(g.example_id, m.trajectory)]

@@ -1,0 +1,183 @@
+"""The mmGRPO loop: rollouts -> groups -> update, with evaluation, checkpoints and resume."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..lm.base import SamplingParams
+from ..program import Example
+from ..rollout import evaluate, sample, trajectory_seed
+from ..runlog import RunDir
+from .config import TrainConfig
+from .groups import assign_weights, compute_advantages, group_calls
+from .trainer import Trainer, write_latest
+
+
+def batch_for_step(train: list[Example], step: int, size: int, seed: int) -> list[Example]:
+    """Examples of step ``step`` (1-based): a fresh seeded permutation each epoch, so the data
+    order is a function of the step alone and a resumed run sees what it would have seen."""
+    if not train:
+        raise ValueError("the training split is empty")
+    size = min(size, len(train))
+    per_epoch = len(train) // size
+    epoch, k = divmod(step - 1, per_epoch)
+    order = list(range(len(train)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [train[i] for i in order[k * size:(k + 1) * size]]
+
+
+class MMGRPO:
+    """A run: the task's program, the backend, the trainer and the run folder."""
+
+    def __init__(self, cfg: TrainConfig, task, program, backend, run: RunDir):
+        self.cfg, self.task, self.program, self.backend, self.run = cfg, task, program, backend, run
+        self.trainer = Trainer(backend, cfg)
+        self.best = {"dev": float("-inf"), "step": None}
+        self.dev = task.dev[: cfg.eval_examples]
+
+    def evaluate(self, step: int, desc: str = "dev") -> dict:
+        res = evaluate(self.program, self.dev, self.task.metric, self.backend, concurrency=self.cfg.concurrency,
+                       seed=self.cfg.seed, progress=self.cfg.progress, desc=f"{desc} (step {step})")
+        rec = {"step": step, "dev": res.mean, "dev_ci95": res.ci95, "dev_n": res.n, "dev_counts": res.counts,
+               "eval_s": res.seconds}
+        self.run.log(rec, "dev.jsonl")
+        if res.mean > self.best["dev"]:
+            self.best = {"dev": res.mean, "step": step}
+            self.trainer.save_adapter(self.run.path / "best_adapter")
+        return rec
+
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        batch = batch_for_step(self.task.train, step, cfg.batch_examples, cfg.seed)
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+        roll = sample(self.program, batch, self.task.reward, self.backend, n_samples=cfg.group_size, params=params,
+                      concurrency=cfg.concurrency, seed=trajectory_seed(cfg.seed, "step", step),
+                      format_failure_score=cfg.format_failure_score, failure_score=cfg.failure_score,
+                      progress=False)
+        grouping = group_calls(roll.by_example(), cfg.grouping, cfg.group_level)
+        compute_advantages(grouping, cfg.scale_rewards)
+        assign_weights(grouping, cfg.per_trajectory_norm)
+        upd = self.trainer.update(grouping) if grouping.groups else {"updated": False}
+        rewards = roll.rewards
+        mean = sum(rewards) / len(rewards)
+        return {"step": step, "reward_mean": mean,
+                "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
+                **{f"n_{k}": v for k, v in roll.counts.items()}, **grouping.counts(),
+                "lm_calls": roll.lm_calls, "completion_tokens": roll.completion_tokens,
+                "rollout_s": roll.seconds, **upd}
+
+    def checkpoint(self, step: int) -> None:
+        ck = self.run.path / "checkpoints"
+        name = f"step-{step:06d}"
+        self.trainer.save(ck / name, {"best": self.best})
+        write_latest(self.run.path, name)
+        steps = sorted(p for p in ck.glob("step-*") if p.is_dir())
+        for old in steps[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> int:
+        latest = self.run.path / "checkpoints" / "latest"
+        if not latest.exists():
+            return 0
+        state = self.trainer.load(self.run.path / "checkpoints" / latest.read_text().strip())
+        self.best = state["best"]
+        self.run.truncate_log(state["step"])
+        self.run.truncate_log(state["step"], "dev.jsonl")
+        return state["step"]
+
+
+def _load_program(cfg: TrainConfig, task):
+    program = task.make_program()
+    if cfg.prompts:
+        program.load_prompt_state(json.loads(Path(cfg.prompts).read_text()))
+    return program
+
+
+def build(cfg: TrainConfig, resume: str | None = None) -> MMGRPO:
+    from ..lm.hf import HFBackend
+    from ..tasks import get_task
+
+    if resume:
+        run = RunDir(resume)
+        if not (run.path / "config.json").exists():
+            raise FileNotFoundError(f"{resume} is not a run folder (no config.json)")
+        saved = run.read_json("config.json")["config"]
+        if saved != json.loads(json.dumps(cfg.to_dict())):
+            diff = sorted(k for k in saved if saved.get(k) != cfg.to_dict().get(k))
+            raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}")
+    else:
+        run = RunDir.new(cfg.out, cfg.name)
+    task = get_task(cfg.task, **cfg.task_options)
+    program = _load_program(cfg, task)
+    backend = HFBackend.load(cfg.model, max_batch=max(cfg.concurrency, 1))
+    if not resume:
+        run.write_json("config.json", {"config": cfg.to_dict(), "task_settings": task.settings,
+                                       "command": sys.argv, "prompts": program.prompt_state()})
+    return MMGRPO(cfg, task, program, backend, run)
+
+
+def fit(job: MMGRPO, stop_after: int | None = None) -> dict:
+    """Run (or continue) the job to cfg.steps; return the summary."""
+    from tqdm.auto import tqdm
+
+    cfg = job.cfg
+    start = job.resume()
+    first = None
+    if start == 0:
+        first = job.evaluate(0, "baseline")
+    else:
+        first = job.run.read_log("dev.jsonl")[0] if job.run.read_log("dev.jsonl") else None
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc="mmGRPO", initial=start, total=cfg.steps,
+               disable=not cfg.progress)
+    for step in bar:
+        rec = job.train_step(step)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            rec.update({k: v for k, v in job.evaluate(step).items() if k != "step"})
+        job.run.log(rec)
+        bar.set_postfix(reward=f"{rec['reward_mean']:.2f}", groups=rec["groups_used"],
+                        dev=f"{rec.get('dev', float('nan')):.2f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            job.checkpoint(step)
+        if stop_after is not None and step >= stop_after:
+            break
+    bar.close()
+    devs = job.run.read_log("dev.jsonl")
+    summary = {"run": str(job.run.path), "baseline_dev": first["dev"] if first else None,
+               "baseline_ci95": first["dev_ci95"] if first else None,
+               "final_dev": devs[-1]["dev"] if devs else None, "final_ci95": devs[-1]["dev_ci95"] if devs else None,
+               "dev_n": devs[-1]["dev_n"] if devs else 0, "best_dev": job.best["dev"], "best_step": job.best["step"],
+               "steps": cfg.steps}
+    job.run.write_json("summary.json", summary)
+    return summary
+
+
+def print_summary(job: MMGRPO, summary: dict) -> None:
+    rows = job.run.read_log()
+    print(f"\nmmGRPO on {job.cfg.task} ({job.cfg.model}), run folder: {job.run.path}")
+    print(f"{'step':>5} {'reward':>7} {'ok':>4} {'parse':>5} {'err':>4} {'groups':>6} {'skipped':>7} "
+          f"{'loss':>8} {'rollout s':>9} {'update s':>8} {'dev':>6}")
+    for r in rows:
+        skipped = sum(v for k, v in r.items() if k.startswith("groups_skipped"))
+        dev = f"{r['dev']:.3f}" if "dev" in r else ""
+        print(f"{r['step']:>5} {r['reward_mean']:>7.3f} {r.get('n_ok', 0):>4} {r.get('n_parse_failure', 0):>5} "
+              f"{r.get('n_error', 0):>4} {r['groups_used']:>6} {skipped:>7} {r.get('loss', 0.0):>8.4f} "
+              f"{r['rollout_s']:>9.1f} {r.get('update_s', 0.0):>8.1f} {dev:>6}")
+    b, f = summary["baseline_dev"], summary["final_dev"]
+    if b is not None and f is not None:
+        print(f"\ndev score (n={summary['dev_n']}, 95% CI): baseline {b:.3f} ± {summary['baseline_ci95']:.3f} "
+              f"-> trained {f:.3f} ± {summary['final_ci95']:.3f} (best {summary['best_dev']:.3f} "
+              f"at step {summary['best_step']})")
+    print(f"best adapter: {job.run.path / 'best_adapter'}")
+
+
+def train_from_config(cfg: TrainConfig, resume: str | None = None) -> int:
+    t0 = time.time()
+    job = build(cfg, resume)
+    summary = fit(job)
+    print_summary(job, summary)
+    print(f"total {time.time() - t0:.0f}s")
+    return 0

@@ -1,0 +1,222 @@
+"""One LoRA adapter shared by every module, updated with the GRPO objective.
+
+The adapter is injected into the backend's own model, so the backend samples with the new
+weights as soon as ``update`` returns: no sync. Checkpoints are safetensors + JSON, atomic.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..runlog import atomic_write, write_json
+from .config import TrainConfig
+from .groups import Grouping, Member
+from .loss import grpo_loss, sequence_coefficients, token_logprobs
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        frac = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - frac
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        return 1.0
+    return f
+
+
+class Trainer:
+    def __init__(self, backend, cfg: TrainConfig):
+        from peft import LoraConfig, get_peft_model
+
+        self.backend, self.cfg = backend, cfg
+        torch.manual_seed(cfg.seed)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+        with backend.lock:
+            self.model = get_peft_model(backend.model, lora)  # injects into backend.model in place
+            backend.weights_changed()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.step = 0
+
+    # ---- forward ------------------------------------------------------------------------
+    def _micro_batches(self, members: list[Member]) -> list[list[int]]:
+        order = sorted(range(len(members)), key=lambda i: len(members[i].call.prompt_ids) + len(members[i].call.completion_ids))
+        batches, cur, cur_max = [], [], 0
+        for i in order:
+            n = len(members[i].call.prompt_ids) + len(members[i].call.completion_ids)
+            if cur and max(cur_max, n) * (len(cur) + 1) > self.cfg.token_budget:
+                batches.append(cur)
+                cur, cur_max = [], 0
+            cur.append(i)
+            cur_max = max(cur_max, n)
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def completion_logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of each completion token given its prompt; rows left-padded so that
+        every completion ends at the last column and only the completion logits are made."""
+        B = len(seqs)
+        L = max(len(p) + len(c) for p, c in seqs)
+        T = max(len(c) for _, c in seqs)
+        pad = self.backend.pad_id
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        targets = torch.full((B, T), pad, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.bool)
+        for i, (p, c) in enumerate(seqs):
+            row = p + c
+            ids[i, L - len(row):] = torch.tensor(row)
+            attn[i, L - len(row):] = 1
+            targets[i, T - len(c):] = torch.tensor(c)
+            mask[i, T - len(c):] = True
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        dev = self.backend.device
+        out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
+                         logits_to_keep=T + 1, use_cache=False)
+        logits = out.logits[:, -(T + 1):-1]  # position t predicts token t+1
+        return token_logprobs(logits, targets.to(dev)), mask.to(dev)
+
+    # ---- update -------------------------------------------------------------------------
+    def update(self, grouping: Grouping) -> dict:
+        cfg = self.cfg
+        members = grouping.members
+        if not members:
+            return {"updated": False}
+        t0 = time.perf_counter()
+        lengths = [len(m.call.completion_ids) for m in members]
+        coefs = sequence_coefficients(lengths, [m.weight for m in members], cfg.loss_type, max_len=cfg.max_tokens)
+        batches = self._micro_batches(members)
+        old: dict[int, torch.Tensor] = {}
+        stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
+        self.model.train()
+        with self.backend.lock:
+            for it in range(cfg.num_iterations):
+                self.opt.zero_grad(set_to_none=True)
+                for mb in batches:
+                    seqs = [(members[i].call.prompt_ids, members[i].call.completion_ids) for i in mb]
+                    logp, mask = self.completion_logprobs(seqs)
+                    T = logp.shape[1]
+                    sampler = torch.zeros_like(logp)
+                    for j, i in enumerate(mb):
+                        lp = members[i].call.logprobs
+                        sampler[j, T - len(lp):] = torch.tensor(lp, dtype=sampler.dtype)
+                    if it == 0:
+                        for j, i in enumerate(mb):
+                            old[i] = logp[j].detach()
+                        diff = ((logp.detach() - sampler).abs() * mask)
+                        stats["mismatch_sum"] += float(diff.sum())
+                        stats["mismatch_max"] = max(stats["mismatch_max"], float(diff.max()))
+                    old_lp = torch.stack([old[i] for i in mb])
+                    ref = None
+                    if cfg.beta:
+                        with torch.no_grad(), self.model.disable_adapter():
+                            ref, _ = self.completion_logprobs(seqs)
+                    isw = None
+                    if cfg.tis_cap is not None:
+                        isw = torch.clamp(torch.exp(old_lp - sampler), max=cfg.tis_cap).detach()
+                    out = grpo_loss(logp, old_lp, torch.tensor([members[i].advantage for i in mb]), mask,
+                                    torch.tensor([coefs[i] for i in mb]), cfg.epsilon, cfg.epsilon_high,
+                                    cfg.beta, ref, isw)
+                    out.loss.backward()
+                    if it == cfg.num_iterations - 1:
+                        stats["loss"] += float(out.loss.detach())
+                        stats["clipped"] += out.clipped_tokens
+                        stats["kl"] += out.kl_sum
+                        stats["tokens"] += out.tokens
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                self.opt.step()
+            self.sched.step()
+            self.step += 1
+            self.backend.weights_changed()
+        self.model.eval()
+        n_tok = max(stats["tokens"], 1.0)
+        mismatch = stats["mismatch_sum"] / n_tok
+        return {"updated": True, "loss": stats["loss"], "clip_frac": stats["clipped"] / n_tok,
+                "kl": stats["kl"] / n_tok, "grad_norm": grad_norm, "lr": self.sched.get_last_lr()[0],
+                "train_tokens": int(stats["tokens"]), "micro_batches": len(batches),
+                "mismatch_mean": mismatch, "mismatch_max": stats["mismatch_max"],
+                "mismatch_warning": mismatch > cfg.mismatch_tolerance,
+                "update_s": time.perf_counter() - t0}
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save(self, folder: str | Path, extra: dict) -> Path:
+        """Adapter (PEFT safetensors) + optimizer + scheduler + RNG + extra state, atomically."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        opt = self.opt.state_dict()
+        tensors, scalars = {}, {}
+        for idx, st in opt["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{idx}.{k}"] = v.contiguous()
+                else:
+                    scalars[f"{idx}.{k}"] = v
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {"step": self.step, "param_groups": opt["param_groups"], "opt_scalars": scalars,
+                 "scheduler": self.sched.state_dict(), "rng_python": random.getstate(), **extra}
+        write_json(tmp / "trainer_state.json", state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return folder
+
+    def load(self, folder: str | Path) -> dict:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        state = json.loads((folder / "trainer_state.json").read_text())
+        with self.backend.lock:
+            set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
+            self.backend.weights_changed()
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        opt_state: dict = {}
+        for key, v in tensors.items():
+            idx, name = key.split(".", 1)
+            opt_state.setdefault(int(idx), {})[name] = v
+        for key, v in state["opt_scalars"].items():
+            idx, name = key.split(".", 1)
+            opt_state.setdefault(int(idx), {})[name] = v
+        self.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        self.sched.load_state_dict(state["scheduler"])
+        rs = state["rng_python"]
+        random.setstate((rs[0], tuple(rs[1]), rs[2]))
+        self.step = state["step"]
+        return state
+
+    def save_adapter(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+
+
+def write_latest(run_path: Path, name: str) -> None:
+    atomic_write(run_path / "checkpoints" / "latest", name + "\n")

@@ -1,0 +1,155 @@
+"""Grouping, advantages and the GRPO loss on hand-made data, with hand-computed numbers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmgrpo.grpo.groups import assign_weights, compute_advantages, group_calls
+from mmgrpo.grpo.loss import grpo_loss, sequence_coefficients, token_logprobs
+from mmgrpo.trace import ModuleCall, Trajectory
+
+
+def traj(i, reward, modules, status="ok"):
+    t = Trajectory("ex", sample_index=i, reward=reward, status=status)
+    counts = {}
+    for m in modules:
+        t.calls.append(ModuleCall(m, counts.get(m, 0), [1], [10 + i], [-1.0], f"{m}{i}"))
+        counts[m] = counts.get(m, 0) + 1
+    return t
+
+
+@pytest.fixture
+def trajs():
+    # query is called 3, 2, 1 times; t3 failed to parse before reaching 'answer'
+    return [traj(0, 1.0, ["query", "query", "query", "answer"]),
+            traj(1, 0.0, ["query", "query", "answer"]),
+            traj(2, 0.5, ["query", "answer"]),
+            traj(3, -1.0, ["query"], status="parse_failure")]
+
+
+def keyed(grouping):
+    return {(g.module, g.index): sorted(m.trajectory for m in g.members) for g in grouping.groups}
+
+
+def test_truncate_keeps_indices_every_trajectory_reached(trajs):
+    g = group_calls({"ex": trajs}, "truncate")
+    assert keyed(g) == {("answer", 0): [0, 1, 2], ("query", 0): [0, 1, 2, 3]}
+
+
+def test_ragged_keeps_uneven_groups_and_skips_singletons(trajs):
+    g = group_calls({"ex": trajs}, "ragged")
+    assert keyed(g) == {("answer", 0): [0, 1, 2], ("query", 0): [0, 1, 2, 3], ("query", 1): [0, 1]}
+    assert g.skipped["too_small"] == 1  # query index 2: only trajectory 0 got there
+
+
+def test_fill_pads_with_the_trajectorys_own_last_call(trajs):
+    g = group_calls({"ex": trajs}, "fill")
+    q2 = [x for x in g.groups if (x.module, x.index) == ("query", 2)][0]
+    assert sorted(m.trajectory for m in q2.members) == [0, 1, 2, 3]
+    filler = [m for m in q2.members if m.trajectory == 2][0]
+    assert filler.call is trajs[2].calls_of("query")[-1]
+
+
+def test_trajectory_level_puts_all_calls_in_one_group(trajs):
+    g = group_calls({"ex": trajs}, level="trajectory")
+    assert len(g.groups) == 1 and len(g.groups[0].members) == 4 + 3 + 2 + 1
+
+
+def test_equal_rewards_are_skipped_and_counted():
+    ts = [traj(i, 1.0, ["a"]) for i in range(4)]
+    g = group_calls({"ex": ts})
+    assert g.groups == [] and g.skipped["equal_rewards"] == 1
+    assert g.counts() == {"groups_used": 0, "samples": 0, "groups_skipped_equal_rewards": 1}
+
+
+def test_advantages_hand_computed(trajs):
+    g = group_calls({"ex": trajs}, "truncate")
+    compute_advantages(g, scale_rewards=False)
+    q0 = [x for x in g.groups if x.module == "query"][0]
+    mean = (1 + 0 + 0.5 - 1) / 4
+    assert [m.advantage for m in q0.members] == pytest.approx([1 - mean, 0 - mean, 0.5 - mean, -1 - mean])
+    compute_advantages(g, scale_rewards=True, eps=0.0)
+    std = math.sqrt(sum((r - mean) ** 2 for r in (1, 0, 0.5, -1)) / 4)
+    assert q0.members[0].advantage == pytest.approx((1 - mean) / std)
+
+
+def test_per_trajectory_weights_sum_to_one(trajs):
+    g = group_calls({"ex": trajs}, "ragged")
+    assign_weights(g)
+    per = {}
+    for m in g.members:
+        per[m.trajectory] = per.get(m.trajectory, 0) + m.weight
+    assert per == pytest.approx({0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0})
+    assert [m.weight for m in g.members if m.trajectory == 0] == pytest.approx([1 / 3] * 3)
+
+
+def test_bad_mode_is_an_error(trajs):
+    with pytest.raises(ValueError, match="grouping mode"):
+        group_calls({"ex": trajs}, "stretch")
+
+
+def test_normalizations_hand_computed():
+    lengths, w = [2, 4], [1.0, 1.0]
+    assert sequence_coefficients(lengths, w, "grpo") == pytest.approx([1 / 4, 1 / 8])
+    assert sequence_coefficients(lengths, w, "dapo") == pytest.approx([1 / 6, 1 / 6])
+    assert sequence_coefficients(lengths, w, "dr_grpo", max_len=8) == pytest.approx([1 / 16, 1 / 16])
+    with pytest.raises(ValueError, match="max_len"):
+        sequence_coefficients(lengths, w, "dr_grpo")
+
+
+def test_loss_value_with_clipping_hand_computed():
+    logp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    old = torch.log(torch.tensor([[0.25, 0.5], [0.25, 0.5]]))  # ratios 2 and 1
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    coefs = torch.tensor([0.5, 0.5])
+    out = grpo_loss(logp, old, adv, mask, coefs, epsilon=0.2)
+    # seq0 (A=+1): min(2*1, 1.2*1)=1.2, min(1,1)=1 -> -2.2 ; seq1 (A=-1): min(-2, -1.2)=-2, -1 -> 3
+    assert float(out.loss) == pytest.approx(0.5 * -2.2 + 0.5 * 3.0)
+    assert out.clipped_tokens == 1.0  # only seq0's first token is clipped
+    hi = grpo_loss(logp, old, adv, mask, coefs, epsilon=0.2, epsilon_high=2.0)
+    assert float(hi.loss) == pytest.approx(0.5 * -3.0 + 0.5 * 3.0)
+
+
+def test_mask_excludes_padding():
+    logp = torch.tensor([[-1.0, -1.0]])
+    out = grpo_loss(logp, logp, torch.tensor([2.0]), torch.tensor([[False, True]]), torch.tensor([1.0]))
+    assert float(out.loss) == pytest.approx(-2.0) and out.tokens == 1.0
+
+
+def test_kl_k3_hand_computed():
+    logp = torch.tensor([[math.log(0.5)]])
+    ref = torch.tensor([[math.log(0.25)]])
+    out = grpo_loss(logp, logp, torch.tensor([0.0]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([1.0]),
+                    beta=0.1, ref_logp=ref)
+    k3 = 0.5 - math.log(0.5) - 1  # exp(d) - d - 1 with d = log(0.25/0.5)
+    assert float(out.loss) == pytest.approx(0.1 * k3) and out.kl_sum == pytest.approx(k3)
+
+
+def test_gradient_matches_finite_differences_on_a_tiny_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 5), torch.nn.Linear(5, 7)).double()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    targets = torch.tensor([[2, 3, 4], [5, 6, 1]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    adv, coefs = torch.tensor([0.7, -1.3], dtype=torch.double), torch.tensor([0.5, 0.25], dtype=torch.double)
+    with torch.no_grad():
+        old = token_logprobs(model(ids), targets).double() + 0.1
+
+    def f():
+        lp = token_logprobs(model(ids), targets).double()
+        return grpo_loss(lp, old, adv, mask, coefs, epsilon=0.2, beta=0.05, ref_logp=old - 0.2).loss
+
+    f().backward()
+    w = model[1].weight
+    analytic = w.grad[2, 3].item()
+    h = 1e-6
+    with torch.no_grad():
+        w[2, 3] += h
+        up = f().item()
+        w[2, 3] -= 2 * h
+        down = f().item()
+    assert analytic == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-9)
+    assert abs(analytic) > 1e-6

@@ -1,0 +1,30 @@
+"""A two-module toy task for learning tests: the reward is a property the base model rarely has."""
+from __future__ import annotations
+
+from mmgrpo.program import Example, Module, Program
+from mmgrpo.tasks.base import Task
+
+TOPICS = ["the sea", "music", "cats", "winter", "bread", "trains", "the moon", "gardens"]
+
+
+class Toy(Program):
+    def __init__(self):
+        self.pick = Module("pick", ["topic"], ["word"], "Give one word related to the topic.", max_tokens=8,
+                           demos=[{"topic": "the sun", "word": "light"}])
+        self.answer = Module("answer", ["topic", "word"], ["sentence"],
+                             "Write a short sentence about the topic using the word.", max_tokens=16,
+                             demos=[{"topic": "the sun", "word": "light", "sentence": "The sun gives us light."}])
+
+    def forward(self, topic):
+        word = self.pick(topic=topic).word
+        return self.answer(topic=topic, word=word)
+
+
+def short(ex, pred) -> float:
+    """1 when the final sentence has at most 4 words (about 1 in 4 samples of the base model)."""
+    return float(len(pred["sentence"].split()) <= 4)
+
+
+def toy_task() -> Task:
+    exs = [Example(f"t{i}", {"topic": t}) for i, t in enumerate(TOPICS)]
+    return Task("toy", Toy, short, short, train=exs[:4], dev=exs, test=exs)
