@@ -98,3 +98,21 @@ def test_config_errors_name_the_key(tmp_path):
     good.write_text("steps: 3\ntask_options: {n_labels: 5}\n")
     cfg = load_config(good, overrides=["learning_rate=0.01", "task_options.n_demos=2"])
     assert (cfg.steps, cfg.learning_rate, cfg.task_options) == (3, 0.01, {"n_labels": 5, "n_demos": 2})
+
+
+def test_kl_multiple_iterations_and_truncated_is_on_the_real_model(tmp_path):
+    task = toy_task()
+    lm = HFBackend.load()
+    cfg = TrainConfig(task="toy", steps=2, batch_examples=2, group_size=4, max_tokens=10, learning_rate=1e-3,
+                      beta=0.05, num_iterations=2, tis_cap=2.0, loss_type="dapo", grouping="fill",
+                      eval_every=100, checkpoint_every=100, progress=False, seed=1)
+    job = MMGRPO(cfg, task, task.make_program(), lm, RunDir(tmp_path))
+    recs = [job.train_step(s) for s in (1, 2)]
+    upd = [r for r in recs if r["updated"]]
+    assert upd, recs
+    r = upd[-1]
+    # the second iteration moved away from the old policy and from the adapter-off reference
+    assert r["kl"] > 0 and 0 <= r["clip_frac"] <= 1 and r["grad_norm"] > 0
+    # sampler and trainer compute the same distribution here: the mismatch is float noise
+    assert r["mismatch_mean"] < 1e-2 and not r["mismatch_warning"]
+    assert lm.version >= 2  # the backend was told that the weights changed

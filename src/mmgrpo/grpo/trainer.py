@@ -175,12 +175,7 @@ class Trainer:
         state = {"step": self.step, "param_groups": opt["param_groups"], "opt_scalars": scalars,
                  "scheduler": self.sched.state_dict(), "rng_python": random.getstate(), **extra}
         write_json(tmp / "trainer_state.json", state)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        _publish(tmp, folder)
         return folder
 
     def load(self, folder: str | Path) -> dict:
@@ -213,9 +208,17 @@ class Trainer:
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        _publish(tmp, folder)
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """fsync every file of a finished temp folder, then rename it into place."""
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def write_latest(run_path: Path, name: str) -> None:
