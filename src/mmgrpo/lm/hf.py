@@ -89,15 +89,6 @@ class HFBackend:
             with self._active_lock:
                 self._active -= n
 
-    @contextmanager
-    def client_done(self):
-        """A program thread finished: stop waiting for it."""
-        try:
-            yield
-        finally:
-            with self._active_lock:
-                self._active -= 1
-
     # ---- batching -----------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -237,7 +228,6 @@ class HFBackend:
         lps: list[list[float]] = [[] for _ in range(B)]
         done = [False] * B
         finish = ["length"] * B
-        texts = [""] * B
         live = list(range(B))  # original row of each batch position; finished rows are dropped
         for step in range(max_new):
             logp = torch.log_softmax(logits, dim=-1)
@@ -277,7 +267,6 @@ class HFBackend:
             for s in params[i].stop:
                 if s in text:
                     text = text[: text.index(s)]
-            texts[i] = text
             results.append(Completion(text=text, token_ids=toks[i], logprobs=lps[i], prompt_ids=list(prompts[i]),
                                       finish_reason=finish[i]))
         self.stats["requests"] += B
