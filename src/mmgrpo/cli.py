@@ -8,13 +8,6 @@ import time
 from .tasks import TASKS
 
 
-def _table(rows: list[tuple], headers: tuple) -> str:
-    cols = [headers] + [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in cols) for i in range(len(headers))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(headers), line(tuple("-" * w for w in widths))] + [line(r) for r in cols[1:]])
-
-
 def _task_options(args) -> dict:
     opts = {}
     for key in ("n_labels", "n_demos", "seed"):
@@ -29,7 +22,7 @@ def _task_options(args) -> dict:
 def cmd_eval(args) -> int:
     from .lm.hf import HFBackend
     from .rollout import evaluate
-    from .runlog import RunDir
+    from .runlog import RunDir, format_table
     from .tasks import get_task
 
     task = get_task(args.task, **_task_options(args))
@@ -42,7 +35,7 @@ def cmd_eval(args) -> int:
     run.write_json("results.json", {"task": args.task, "split": args.split, "model": args.model,
                                     "mean": res.mean, "ci95": res.ci95, "n": res.n, "counts": res.counts,
                                     "seconds": time.time() - t0, "settings": task.settings, "scores": res.scores})
-    print(_table([(args.task, args.split, f"{res.mean:.3f}", f"±{res.ci95:.3f}", res.n, res.counts["ok"],
+    print(format_table([(args.task, args.split, f"{res.mean:.3f}", f"±{res.ci95:.3f}", res.n, res.counts["ok"],
                    res.counts["parse_failure"], res.counts["error"], f"{res.seconds:.0f}s")],
                  ("task", "split", "score", "95% CI", "n", "ok", "parse_fail", "error", "time")))
     print(f"results: {run.path / 'results.json'}")

@@ -32,6 +32,14 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         os.close(dir_fd)
 
 
+def format_table(rows: list[tuple], headers: tuple) -> str:
+    """A plain aligned text table for closing summaries."""
+    cols = [tuple(str(h) for h in headers)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cols[0]), line(tuple("-" * w for w in widths))] + [line(r) for r in cols[1:]])
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..lm.base import SamplingParams
 from ..program import Example
 from ..rollout import evaluate, sample, trajectory_seed
-from ..runlog import RunDir
+from ..runlog import RunDir, format_table
 from .config import TrainConfig
 from .groups import assign_weights, compute_advantages, group_calls
 from .trainer import Trainer, write_latest
@@ -106,8 +106,9 @@ def build(cfg: TrainConfig, resume: str | None = None) -> MMGRPO:
         if not (run.path / "config.json").exists():
             raise FileNotFoundError(f"{resume} is not a run folder (no config.json)")
         saved = run.read_json("config.json")["config"]
-        if saved != json.loads(json.dumps(cfg.to_dict())):
-            diff = sorted(k for k in saved if saved.get(k) != cfg.to_dict().get(k))
+        want = json.loads(json.dumps(cfg.to_dict()))
+        if saved != want:
+            diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k))
             raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}")
     else:
         run = RunDir.new(cfg.out, cfg.name)
@@ -120,17 +121,14 @@ def build(cfg: TrainConfig, resume: str | None = None) -> MMGRPO:
     return MMGRPO(cfg, task, program, backend, run)
 
 
-def fit(job: MMGRPO, stop_after: int | None = None) -> dict:
+def fit(job: MMGRPO) -> dict:
     """Run (or continue) the job to cfg.steps; return the summary."""
     from tqdm.auto import tqdm
 
     cfg = job.cfg
     start = job.resume()
-    first = None
     if start == 0:
-        first = job.evaluate(0, "baseline")
-    else:
-        first = job.run.read_log("dev.jsonl")[0] if job.run.read_log("dev.jsonl") else None
+        job.evaluate(0, "baseline")
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="mmGRPO", initial=start, total=cfg.steps,
                disable=not cfg.progress)
     for step in bar:
@@ -142,10 +140,9 @@ def fit(job: MMGRPO, stop_after: int | None = None) -> dict:
                         dev=f"{rec.get('dev', float('nan')):.2f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             job.checkpoint(step)
-        if stop_after is not None and step >= stop_after:
-            break
     bar.close()
     devs = job.run.read_log("dev.jsonl")
+    first = devs[0] if devs and devs[0]["step"] == 0 else None
     summary = {"run": str(job.run.path), "baseline_dev": first["dev"] if first else None,
                "baseline_ci95": first["dev_ci95"] if first else None,
                "final_dev": devs[-1]["dev"] if devs else None, "final_ci95": devs[-1]["dev_ci95"] if devs else None,
@@ -156,16 +153,16 @@ def fit(job: MMGRPO, stop_after: int | None = None) -> dict:
 
 
 def print_summary(job: MMGRPO, summary: dict) -> None:
-    rows = job.run.read_log()
-    print(f"\nmmGRPO on {job.cfg.task} ({job.cfg.model}), run folder: {job.run.path}")
-    print(f"{'step':>5} {'reward':>7} {'ok':>4} {'parse':>5} {'err':>4} {'groups':>6} {'skipped':>7} "
-          f"{'loss':>8} {'rollout s':>9} {'update s':>8} {'dev':>6}")
-    for r in rows:
+    rows = []
+    for r in job.run.read_log():
         skipped = sum(v for k, v in r.items() if k.startswith("groups_skipped"))
-        dev = f"{r['dev']:.3f}" if "dev" in r else ""
-        print(f"{r['step']:>5} {r['reward_mean']:>7.3f} {r.get('n_ok', 0):>4} {r.get('n_parse_failure', 0):>5} "
-              f"{r.get('n_error', 0):>4} {r['groups_used']:>6} {skipped:>7} {r.get('loss', 0.0):>8.4f} "
-              f"{r['rollout_s']:>9.1f} {r.get('update_s', 0.0):>8.1f} {dev:>6}")
+        rows.append((r["step"], f"{r['reward_mean']:.3f}", r.get("n_ok", 0), r.get("n_parse_failure", 0),
+                     r.get("n_error", 0), r["groups_used"], skipped, f"{r.get('loss', 0.0):.4f}",
+                     f"{r['rollout_s']:.1f}", f"{r.get('update_s', 0.0):.1f}",
+                     f"{r['dev']:.3f}" if "dev" in r else ""))
+    print(f"\nmmGRPO on {job.cfg.task} ({job.cfg.model}), run folder: {job.run.path}")
+    print(format_table(rows, ("step", "reward", "ok", "parse_fail", "error", "groups", "skipped", "loss",
+                              "rollout s", "update s", "dev")))
     b, f = summary["baseline_dev"], summary["final_dev"]
     if b is not None and f is not None:
         print(f"\ndev score (n={summary['dev_n']}, 95% CI): baseline {b:.3f} ± {summary['baseline_ci95']:.3f} "

@@ -1,0 +1,42 @@
+"""The run folder: atomic writes, torn log lines, resume truncation, summary output."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from mmgrpo.grpo.run import print_summary
+from mmgrpo.runlog import RunDir, atomic_write, format_table
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "a" / "f.json"
+    atomic_write(p, "one")
+    atomic_write(p, "two")
+    assert p.read_text() == "two" and sorted(x.name for x in p.parent.iterdir()) == ["f.json"]
+
+
+def test_torn_last_line_is_dropped_and_resume_truncates(tmp_path):
+    run = RunDir(tmp_path)
+    for s in (1, 2, 3):
+        run.log({"step": s})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')  # killed mid-write
+    assert [r["step"] for r in run.read_log()] == [1, 2, 3]
+    run.truncate_log(2)
+    assert [r["step"] for r in run.read_log()] == [1, 2]
+
+
+def test_format_table_aligns_columns():
+    out = format_table([("a", 1), ("bbb", 22)], ("name", "n")).splitlines()
+    assert out == ["name  n", "----  --", "a     1", "bbb   22"]
+
+
+def test_print_summary_shows_every_step_and_the_dev_change(tmp_path, capsys):
+    run = RunDir(tmp_path)
+    run.log({"step": 1, "reward_mean": 0.25, "n_ok": 7, "n_parse_failure": 1, "n_error": 0, "groups_used": 3,
+             "groups_skipped_equal_rewards": 2, "loss": 0.1, "rollout_s": 1.0, "update_s": 2.0, "dev": 0.5})
+    job = SimpleNamespace(run=run, cfg=SimpleNamespace(task="toy", model="m"))
+    print_summary(job, {"baseline_dev": 0.4, "baseline_ci95": 0.1, "final_dev": 0.5, "final_ci95": 0.1,
+                        "dev_n": 10, "best_dev": 0.5, "best_step": 1})
+    out = capsys.readouterr().out
+    assert "1     0.250   7   1           0      3       2" in out
+    assert "baseline 0.400 ± 0.100 -> trained 0.500 ± 0.100" in out
