@@ -84,8 +84,13 @@ class TrainConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping (global norm)."""
+    shared_prefix: bool = True
+    """Pack each prompt once with all its completions after it (block attention mask) instead
+    of one padded sequence per completion: same loss and gradients, far fewer tokens."""
+    pack_tokens: int = 1024
+    """Tokens per packed micro-batch (shared_prefix): the dense block mask grows as its square."""
     token_budget: int = 4096
-    """Padded tokens per micro-batch: bounds memory; gradients accumulate across micro-batches."""
+    """Padded tokens per micro-batch (shared_prefix off): bounds memory; gradients accumulate."""
     lora_r: int = 16
     """LoRA rank (one adapter shared by every module)."""
     lora_alpha: int = 32
@@ -131,6 +136,7 @@ class TrainConfig:
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "must be constant, linear or cosine")
         need(self.token_budget >= 64, "token_budget", "must be >= 64")
+        need(64 <= self.pack_tokens <= 8192, "pack_tokens", "must be between 64 and 8192")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")

@@ -17,8 +17,9 @@ import torch
 
 from ..runlog import atomic_write, write_json
 from .config import TrainConfig
-from .groups import Grouping, Member
+from .groups import Grouping
 from .loss import grpo_loss, sequence_coefficients, token_logprobs
+from .packing import pack, plan_packed, unpack
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -52,11 +53,12 @@ class Trainer:
         self.step = 0
 
     # ---- forward ------------------------------------------------------------------------
-    def _micro_batches(self, members: list[Member]) -> list[list[int]]:
-        order = sorted(range(len(members)), key=lambda i: len(members[i].call.prompt_ids) + len(members[i].call.completion_ids))
+    def _micro_batches(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+        """Padded micro-batches of similar lengths within the padded-token budget."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
         batches, cur, cur_max = [], [], 0
         for i in order:
-            n = len(members[i].call.prompt_ids) + len(members[i].call.completion_ids)
+            n = len(seqs[i][0]) + len(seqs[i][1])
             if cur and max(cur_max, n) * (len(cur) + 1) > self.cfg.token_budget:
                 batches.append(cur)
                 cur, cur_max = [], 0
@@ -65,6 +67,25 @@ class Trainer:
         if cur:
             batches.append(cur)
         return batches
+
+    def plan(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+        if self.cfg.shared_prefix:
+            return plan_packed(seqs, self.cfg.pack_tokens)
+        return self._micro_batches(seqs)
+
+    def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) completion log-probs, right-aligned, and their mask: packed or padded."""
+        return self.packed_logprobs(seqs) if self.cfg.shared_prefix else self.completion_logprobs(seqs)
+
+    def packed_logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One packed row: each distinct prompt once, its completions after it (see packing.py)."""
+        pk = pack(seqs)
+        dev = self.backend.device
+        out = self.model(input_ids=pk.ids.to(dev), position_ids=pk.positions.to(dev),
+                         attention_mask=pk.allow.to(dev), logits_to_keep=pk.predictors.to(dev), use_cache=False)
+        flat = token_logprobs(out.logits[0], pk.targets.to(dev))
+        logp, mask = unpack(flat, pk, len(seqs))
+        return logp, mask.to(dev)
 
     def completion_logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of each completion token given its prompt; rows left-padded so that
@@ -99,7 +120,8 @@ class Trainer:
         t0 = time.perf_counter()
         lengths = [len(m.call.completion_ids) for m in members]
         coefs = sequence_coefficients(lengths, [m.weight for m in members], cfg.loss_type, max_len=cfg.max_tokens)
-        batches = self._micro_batches(members)
+        all_seqs = [(m.call.prompt_ids, m.call.completion_ids) for m in members]
+        batches = self.plan(all_seqs)
         old: dict[int, torch.Tensor] = {}
         stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
         self.model.train()
@@ -107,8 +129,8 @@ class Trainer:
             for it in range(cfg.num_iterations):
                 self.opt.zero_grad(set_to_none=True)
                 for mb in batches:
-                    seqs = [(members[i].call.prompt_ids, members[i].call.completion_ids) for i in mb]
-                    logp, mask = self.completion_logprobs(seqs)
+                    seqs = [all_seqs[i] for i in mb]
+                    logp, mask = self.logprobs(seqs)
                     T = logp.shape[1]
                     sampler = torch.zeros_like(logp)
                     for j, i in enumerate(mb):
@@ -124,7 +146,7 @@ class Trainer:
                     ref = None
                     if cfg.beta:
                         with torch.no_grad(), self.model.disable_adapter():
-                            ref, _ = self.completion_logprobs(seqs)
+                            ref, _ = self.logprobs(seqs)
                     isw = None
                     if cfg.tis_cap is not None:
                         isw = torch.clamp(torch.exp(old_lp - sampler), max=cfg.tis_cap).detach()

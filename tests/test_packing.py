@@ -1,0 +1,78 @@
+"""Shared-prefix packing: the plan, the mask, and equivalence with the plain padded update."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.grpo.loss import grpo_loss, sequence_coefficients
+from mmgrpo.grpo.packing import pack, plan_packed
+from mmgrpo.grpo.trainer import Trainer
+from mmgrpo.lm.hf import HFBackend
+
+
+def test_plan_keeps_groups_together_and_splits_what_does_not_fit():
+    seqs = [([1, 2, 3], [7] * 4), ([1, 2, 3], [8] * 4), ([5, 6], [9] * 2), ([1, 2, 3], [7] * 4)]
+    assert plan_packed(seqs, budget=100) == [[0, 1, 3, 2]]
+    # prompt (3) + two completions (8) = 11 fits, a third does not: the group splits, the prompt repeats
+    assert plan_packed(seqs, budget=11) == [[0, 1], [3, 2]]
+
+
+def test_pack_mask_positions_and_predictors():
+    pk = pack([([1, 2], [3, 4]), ([1, 2], [5])])
+    assert pk.ids.tolist() == [[1, 2, 3, 4, 5]]
+    assert pk.positions.tolist() == [[0, 1, 2, 3, 2]]  # each completion restarts after the prompt
+    allow = pk.allow[0, 0].int().tolist()
+    assert allow == [[1, 0, 0, 0, 0],
+                     [1, 1, 0, 0, 0],
+                     [1, 1, 1, 0, 0],
+                     [1, 1, 1, 1, 0],
+                     [1, 1, 0, 0, 1]]  # the second completion sees the prompt and itself, not the first
+    assert pk.predictors.tolist() == [1, 2, 1] and pk.targets.tolist() == [3, 4, 5]
+    assert pk.rows.tolist() == [0, 0, 1] and pk.cols.tolist() == [0, 1, 1] and pk.T == 2
+
+
+@pytest.fixture(scope="module")
+def trainers():
+    lm = HFBackend.load()
+    packed = Trainer(lm, TrainConfig(shared_prefix=True, pack_tokens=256, seed=5))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter, so gradients reach both LoRA matrices
+        for p in packed.params:
+            p.add_(0.02 * torch.randn_like(p))
+    return lm, packed
+
+
+def _loss_and_grads(trainer, seqs, adv, coefs):
+    trainer.model.zero_grad(set_to_none=True)
+    total = 0.0
+    for mb in trainer.plan(seqs):
+        logp, mask = trainer.logprobs([seqs[i] for i in mb])
+        out = grpo_loss(logp, logp.detach() - 0.05, adv[mb], mask, coefs[mb], beta=0.0)
+        out.loss.backward()
+        total += float(out.loss.detach())
+    return total, [p.grad.clone() for p in trainer.params]
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients_as_padding(trainers):
+    lm, trainer = trainers
+    tok = lm.tokenizer
+    prompts = [lm.tokenize_chat([{"role": "user", "content": q}]) for q in ("Name a color.", "What is two plus two?")]
+    replies = [["Blue.", "Red, I think", "green"], ["Four.", "2 + 2 = 4", "It is four, of course."]]
+    seqs = [(p, tok.encode(r, add_special_tokens=False) + [tok.eos_token_id]) for p, rs in zip(prompts, replies) for r in rs]
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.8, -1.2, 0.4])
+    coefs = torch.tensor(sequence_coefficients([len(c) for _, c in seqs], [1.0] * 6, "grpo"))
+    packed_loss, packed_grads = _loss_and_grads(trainer, seqs, adv, coefs)
+    plans = trainer.plan(seqs)
+    trainer.cfg = dataclasses.replace(trainer.cfg, shared_prefix=False)
+    try:
+        plain_loss, plain_grads = _loss_and_grads(trainer, seqs, adv, coefs)
+    finally:
+        trainer.cfg = dataclasses.replace(trainer.cfg, shared_prefix=True)
+    assert len(plans) >= 1 and sum(len(b) for b in plans) == 6
+    assert packed_loss == pytest.approx(plain_loss, abs=1e-5)
+    num = sum(float((a - b).norm() ** 2) for a, b in zip(packed_grads, plain_grads)) ** 0.5
+    den = sum(float(b.norm() ** 2) for b in plain_grads) ** 0.5
+    assert den > 0 and num / den < 1e-3, (num, den)
