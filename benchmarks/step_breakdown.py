@@ -8,20 +8,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import time
 
-import torch
+from common import banking77_groups, machine
 
 from mmgrpo.grpo.config import TrainConfig
-from mmgrpo.grpo.groups import assign_weights, compute_advantages, group_calls
-from mmgrpo.grpo.trainer import Trainer
-from mmgrpo.lm.base import SamplingParams
-from mmgrpo.lm.hf import HFBackend
-from mmgrpo.rollout import sample
-from mmgrpo.tasks import get_task
 
 
 def main():
@@ -31,27 +23,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--n-labels", type=int, default=10)
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    lm = HFBackend.load()
-    task = get_task("banking77", n_labels=args.n_labels, n_demos=5, reasoning=False)
-    program = task.make_program()
-    cfg = TrainConfig(max_tokens=16, temperature=1.0, group_size=args.group_size)
-    trainer = Trainer(lm, cfg)
-    t0 = time.perf_counter()
-    roll = sample(program, task.train[: args.examples], task.reward, lm, n_samples=args.group_size,
-                  params=SamplingParams(temperature=1.0, max_tokens=16), concurrency=32, progress=False)
-    rollout_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    grouping = group_calls(roll.by_example(), "ragged")
-    compute_advantages(grouping)
-    assign_weights(grouping)
-    group_s = time.perf_counter() - t0
-    if not grouping.groups:  # timing needs members: give every call a made-up spread of rewards
-        grouping = group_calls(roll.by_example(), "ragged", min_size=1)
-        for g in grouping.groups:
-            for k, m in enumerate(g.members):
-                m.advantage = (-1) ** k
+    print(machine())
+    trainer, grouping, t = banking77_groups(args.examples, args.group_size, args.n_labels)
+    cfg = trainer.cfg
+    rollout_s, group_s = t["rollout_s"], t["group_s"]
     members = grouping.members
     prompt_toks = sum(len(m.call.prompt_ids) for m in members)
     comp_toks = sum(len(m.call.completion_ids) for m in members)
@@ -66,7 +41,7 @@ def main():
             times[shared].append(time.perf_counter() - t0)
     plain, packed = statistics.median(times[False]), statistics.median(times[True])
     print(f"batch: {args.examples} examples x G={args.group_size}: {len(members)} sequences, "
-          f"{prompt_toks} prompt + {comp_toks} completion tokens; groups used {len(grouping.groups)}")
+          f"{prompt_toks} prompt + {comp_toks} completion tokens; {len(grouping.groups)} groups")
     print(f"{'phase':<28} {'seconds':>8}")
     print(f"{'rollout':<28} {rollout_s:>8.1f}")
     print(f"{'grouping + advantages':<28} {group_s:>8.3f}")

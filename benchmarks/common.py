@@ -1,0 +1,57 @@
+"""Shared set-up of the benchmarks: a real Banking77 batch of groups from the embedded model."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.grpo.groups import assign_weights, compute_advantages, group_calls
+from mmgrpo.grpo.trainer import Trainer
+from mmgrpo.lm.base import SamplingParams
+from mmgrpo.lm.hf import HFBackend
+from mmgrpo.rollout import sample
+from mmgrpo.tasks import get_task
+
+
+def machine() -> str:
+    return (f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}")
+
+
+def banking77_groups(examples: int, group_size: int, n_labels: int = 10, max_tokens: int = 16):
+    """Roll out the demo program and group the calls. Returns (trainer, grouping, timings)."""
+    lm = HFBackend.load()
+    task = get_task("banking77", n_labels=n_labels, n_demos=5, reasoning=False)
+    program = task.make_program()
+    trainer = Trainer(lm, TrainConfig(max_tokens=max_tokens, group_size=group_size))
+    t0 = time.perf_counter()
+    roll = sample(program, task.train[:examples], task.reward, lm, n_samples=group_size,
+                  params=SamplingParams(temperature=1.0, max_tokens=max_tokens), concurrency=32, progress=False)
+    rollout_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    by_example = roll.by_example()
+    for trajs in by_example.values():  # timing needs every sequence: spread equal rewards
+        if len({t.reward for t in trajs}) == 1:
+            for k, t in enumerate(trajs):
+                t.reward = float(k % 2)
+    grouping = group_calls(by_example, "ragged")
+    compute_advantages(grouping)
+    assign_weights(grouping)
+    group_s = time.perf_counter() - t0
+    return trainer, grouping, {"rollout_s": rollout_s, "group_s": group_s}
+
+
+def mm_peak_gflops(sizes=(2048, 4096), repeats: int = 3) -> float:
+    """Best fp32 torch.mm rate over square sizes (the machine's practical matmul limit)."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
