@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 
 from .tasks import TASKS
@@ -50,6 +51,20 @@ def cmd_train(args) -> int:
     return train_from_config(cfg, resume=args.resume)
 
 
+def cmd_serve(args) -> int:
+    from .lm.hf import HFBackend
+    from .serve import start
+
+    backend = HFBackend.load(args.model)
+    srv = start(backend, args.host, args.port, model_name=args.model)
+    print(f"serving {args.model} at http://{srv.server_address[0]}:{srv.server_address[1]}/v1 (Ctrl-C to stop)")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        srv.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mmgrpo", description="Multi-module GRPO and prompt optimization for LM programs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -72,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", default=None, help="a run folder to continue from its last checkpoint")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server over the in-process backend")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(fn=cmd_serve)
 
     args = p.parse_args(argv)
     try:

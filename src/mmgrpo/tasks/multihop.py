@@ -1,0 +1,95 @@
+"""Many-hop search (the paper's HoVer task): write a query, retrieve with BM25, take notes, repeat.
+
+Metric: recall of the gold supporting titles among all titles retrieved.
+Offline default: 500 real HotpotQA questions (2 gold titles each) over their 4,858 real
+Wikipedia paragraphs (CC BY-SA 4.0; see data/hotpotqa/SOURCE.md). HoVer claims need the
+Wikipedia-abstracts-2017 corpus (~5M abstracts), which cannot be shipped: pass ``corpus`` (a
+JSONL file of {title, text}) and ``dataset="hover"``.
+"""
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+from ..program import Example, Module, Prediction, Program
+from ..retrieve import BM25Retriever
+from .base import Task, data_path, seeded_split
+
+def norm_title(t: str) -> str:
+    return unicodedata.normalize("NFD", t).strip().lower().replace("&amp;", "&")
+
+
+class MultiHop(Program):
+    def __init__(self, retriever: BM25Retriever, hops: int = 2, k: int = 4, first_k: int | None = None):
+        self.retriever, self.hops, self.k, self.first_k = retriever, hops, k, first_k or k
+        self.query = Module("query", ["claim", "notes"], ["query"],
+                            "Write a search query that finds the missing evidence for the claim.",
+                            field_notes={"query": "a short search query"}, max_tokens=32)
+        self.notes = Module("notes", ["claim", "notes", "passages"], ["notes"],
+                            "Update the notes with the facts from the passages that matter for the claim.",
+                            field_notes={"notes": "two short sentences"}, max_tokens=64)
+
+    def forward(self, claim: str) -> Prediction:
+        found = self.retriever.search(claim, self.first_k)  # hop 0: the claim itself
+        titles = [p.title for p in found]
+        notes = self.notes(claim=claim, notes="(none)", passages=[str(p) for p in found]).notes
+        for _ in range(self.hops):
+            q = self.query(claim=claim, notes=notes).query
+            found = self.retriever.search(q, self.k)
+            titles += [p.title for p in found]
+            notes = self.notes(claim=claim, notes=notes, passages=[str(p) for p in found]).notes
+        return Prediction(titles=titles, notes=notes)
+
+
+def recall(ex: Example, pred: Prediction) -> float:
+    gold = {norm_title(t) for t in ex.gold["titles"]}
+    got = {norm_title(t) for t in pred.get("titles", [])}
+    return len(gold & got) / len(gold)
+
+
+def _hotpot_examples() -> list[Example]:
+    path = data_path("hotpotqa", "questions.jsonl")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            r = json.loads(line)
+            out.append(Example(r["question_id"], {"claim": r["question"]}, {"titles": list(r["gold_titles"])}))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{path}:{n}: malformed question row ({exc})") from exc
+    return out
+
+
+def _hover_examples(path: Path) -> list[Example]:
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    out = []
+    for n, r in enumerate(rows):
+        try:
+            titles = sorted({t for t, _ in r["supporting_facts"]})
+            out.append(Example(r["uid"], {"claim": r["claim"]}, {"titles": titles}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: row {n}: malformed HoVer claim ({exc})") from exc
+    return out
+
+
+def make_task(dataset: str = "hotpotqa", corpus: str | None = None, claims: str | None = None, hops: int = 2,
+              k: int = 4, n_train: int = 300, n_dev: int = 100, n_test: int = 100, seed: int = 0) -> Task:
+    if dataset == "hotpotqa":
+        examples = _hotpot_examples()
+        corpus_path = Path(corpus) if corpus else data_path("hotpotqa", "corpus.jsonl")
+    elif dataset == "hover":
+        if not corpus:
+            raise ValueError("dataset 'hover' needs corpus=<path to the Wikipedia-abstracts JSONL "
+                             "(one {title, text} object per line)>; it cannot be shipped with the package")
+        examples = _hover_examples(Path(claims) if claims else data_path("hover", "hover_dev_release_v1.1.json"))
+        corpus_path = Path(corpus)
+    else:
+        raise ValueError(f"unknown multihop dataset {dataset!r}: use hotpotqa or hover")
+    n_train = min(n_train, max(0, len(examples) - n_dev - n_test))
+    train, dev, test = seeded_split(examples, [n_train, n_dev, n_test], seed)
+    retriever = BM25Retriever(corpus_path)
+    return Task(name="multihop", make_program=lambda: MultiHop(retriever, hops, k), metric=recall, reward=recall,
+                train=train, dev=dev, test=test,
+                description="Find the Wikipedia pages that support a many-hop claim or question.",
+                settings={"dataset": dataset, "corpus": str(corpus_path), "hops": hops, "k": k, "seed": seed,
+                          "corpus_size": len(retriever.passages)})
