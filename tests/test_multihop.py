@@ -43,7 +43,7 @@ def test_bm25_finds_a_page_by_its_own_words(task):
 
 def test_rollout_records_query_and_notes_calls_in_order(task, scripted):
     def reply(messages):
-        return "query: Shirley Temple" if "query: <" in messages[0]["content"] else "notes: Shirley Temple acted."
+        return "query: Shirley Temple" if "query: <" in messages[0]["content"] else "updated_notes: Shirley Temple acted."
     res = sample(task.make_program(), task.dev[:2], task.metric, scripted(reply), n_samples=2, progress=False)
     assert res.counts["ok"] == 4
     t = res.trajectories[0]
@@ -75,7 +75,7 @@ def test_hover_needs_a_corpus_and_runs_on_a_local_one(tmp_path, scripted):
     assert t.settings["corpus_size"] == 12 and len(t.dev) == 2
     ex = t.dev[0]
     i = ex.id[1:]
-    lm = scripted(lambda m: f"query: Beta{i} river" if "query: <" in m[0]["content"] else "notes: ok")
+    lm = scripted(lambda m: f"query: Beta{i} river" if "query: <" in m[0]["content"] else "updated_notes: ok")
     res = sample(t.make_program(), [ex], t.metric, lm, progress=False)
     assert res.trajectories[0].reward == 1.0  # Alpha from the claim itself, Beta from the hop
 

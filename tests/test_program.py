@@ -23,6 +23,17 @@ def test_parse_missing_field_raises_with_raw_text():
     assert "answer" in str(err.value)
 
 
+def test_lenient_takes_a_markerless_reply_whole_only_for_one_output():
+    one = Module("m", ["q"], ["answer"], "x", lenient=True)
+    assert one.parse("  Paris.\n") == {"answer": "Paris."}
+    assert one.parse("answer: Rome") == {"answer": "Rome"}
+    with pytest.raises(ParseError):
+        one.parse("   ")
+    two = Module("m", ["q"], ["reasoning", "answer"], "x", lenient=True)
+    with pytest.raises(ParseError):
+        two.parse("Paris")
+
+
 def test_render_has_instruction_demos_and_inputs():
     m = Module("m", ["q"], ["a"], "Answer.", demos=[{"q": "1+1", "a": "2"}])
     msgs = m.render({"q": "2+2"})

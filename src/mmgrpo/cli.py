@@ -47,7 +47,10 @@ def cmd_train(args) -> int:
     from .grpo.config import load_config
     from .grpo.run import train_from_config
 
-    cfg = load_config(args.config, overrides=args.set or [])
+    overrides = list(args.set or [])
+    if args.task:
+        overrides.insert(0, f"task={args.task}")
+    cfg = load_config(args.config, overrides=overrides)
     return train_from_config(cfg, resume=args.resume)
 
 
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(fn=cmd_eval)
 
     t = sub.add_parser("train", help="run mmGRPO from a TOML/YAML config")
-    t.add_argument("config")
+    t.add_argument("config", nargs="?", default=None, help="a .toml/.yaml config (defaults for every key left out)")
+    t.add_argument("--task", choices=TASKS, default=None, help="the task (overrides the config's)")
     t.add_argument("--resume", default=None, help="a run folder to continue from its last checkpoint")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     t.set_defaults(fn=cmd_train)

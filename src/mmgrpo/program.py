@@ -55,7 +55,7 @@ class Module:
 
     def __init__(self, name: str, inputs: list[str], outputs: list[str], instruction: str,
                  demos: list[dict[str, Any]] | None = None, max_tokens: int | None = None,
-                 field_notes: Mapping[str, str] | None = None):
+                 field_notes: Mapping[str, str] | None = None, lenient: bool = False):
         if not outputs:
             raise ValueError(f"module {name!r} needs at least one output field")
         self.name = name
@@ -65,6 +65,9 @@ class Module:
         self.demos = list(demos or [])
         self.max_tokens = max_tokens
         self.field_notes = dict(field_notes or {})
+        # lenient: a one-output module takes a reply without its 'field:' marker whole, so a model
+        # that ignores the format still gets scored on content (strict is what teaches the format)
+        self.lenient = lenient and len(self.outputs) == 1
 
     # ---- prompt ---------------------------------------------------------------------
     def system_prompt(self) -> str:
@@ -103,6 +106,8 @@ class Module:
             end = hits[k + 1].start() if k + 1 < len(hits) else len(text)
             if key not in found:
                 found[key] = text[m.end():end].strip()
+        if not hits and self.lenient and text.strip():
+            return {self.outputs[0]: text.strip()}
         out = {}
         for f in self.outputs:
             if f.lower() not in found:

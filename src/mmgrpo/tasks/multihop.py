@@ -25,20 +25,20 @@ class MultiHop(Program):
         self.retriever, self.hops, self.k, self.first_k = retriever, hops, k, first_k or k
         self.query = Module("query", ["claim", "notes"], ["query"],
                             "Write a search query that finds the missing evidence for the claim.",
-                            field_notes={"query": "a short search query"}, max_tokens=32)
-        self.notes = Module("notes", ["claim", "notes", "passages"], ["notes"],
+                            field_notes={"query": "a short search query"}, max_tokens=32, lenient=True)
+        self.notes = Module("notes", ["claim", "notes", "passages"], ["updated_notes"],
                             "Update the notes with the facts from the passages that matter for the claim.",
-                            field_notes={"notes": "two short sentences"}, max_tokens=64)
+                            field_notes={"updated_notes": "two short sentences"}, max_tokens=64, lenient=True)
 
     def forward(self, claim: str) -> Prediction:
         found = self.retriever.search(claim, self.first_k)  # hop 0: the claim itself
         titles = [p.title for p in found]
-        notes = self.notes(claim=claim, notes="(none)", passages=[str(p) for p in found]).notes
+        notes = self.notes(claim=claim, notes="(none)", passages=[str(p) for p in found]).updated_notes
         for _ in range(self.hops):
             q = self.query(claim=claim, notes=notes).query
             found = self.retriever.search(q, self.k)
             titles += [p.title for p in found]
-            notes = self.notes(claim=claim, notes=notes, passages=[str(p) for p in found]).notes
+            notes = self.notes(claim=claim, notes=notes, passages=[str(p) for p in found]).updated_notes
         return Prediction(titles=titles, notes=notes)
 
 

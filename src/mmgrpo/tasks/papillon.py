@@ -72,10 +72,10 @@ class Papillon(Program):
         self.craft = Module("craft_request", ["user_query"], ["request"],
                             "Rewrite the user's query as a request to a powerful outside assistant. "
                             "Keep what the assistant needs; leave out names, contacts and other private details.",
-                            field_notes={"request": "the request to send out"}, max_tokens=96)
+                            field_notes={"request": "the request to send out"}, max_tokens=96, lenient=True)
         self.respond = Module("respond", ["user_query", "request", "outside_response"], ["response"],
                               "Write the final response to the user's query, using the outside assistant's answer.",
-                              field_notes={"response": "the response to the user"}, max_tokens=128)
+                              field_notes={"response": "the response to the user"}, max_tokens=128, lenient=True)
 
     def forward(self, user_query: str) -> Prediction:
         request = self.craft(user_query=user_query).request
