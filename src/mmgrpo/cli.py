@@ -44,14 +44,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .compose import run
     from .grpo.config import load_config
-    from .grpo.run import train_from_config
 
     overrides = list(args.set or [])
     if args.task:
         overrides.insert(0, f"task={args.task}")
     cfg = load_config(args.config, overrides=overrides)
-    return train_from_config(cfg, resume=args.resume)
+    t0 = time.time()
+    run(cfg, resume=args.resume)
+    print(f"total {time.time() - t0:.0f}s")
+    return 0
 
 
 def cmd_serve(args) -> int:

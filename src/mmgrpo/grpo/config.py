@@ -24,6 +24,15 @@ class TrainConfig:
     """Options passed to the task's constructor (e.g. n_labels, n_demos for banking77)."""
     prompts: str | None = None
     """A JSON file of optimized prompts (program.prompt_state()) to train with."""
+    strategy: str = "weights"
+    """Steps in order, e.g. "prompts -> weights": prompts = few-shot bootstrapping + random search,
+    weights = mmGRPO on the program with the prompts it has by then."""
+    prompt_candidates: int = 6
+    """prompts step: demo sets tried (the first is the program as it is)."""
+    prompt_max_demos: int = 4
+    """prompts step: demos per module."""
+    prompt_train_examples: int = 50
+    """prompts step: training examples run to bootstrap demos from."""
     seed: int = 0
     """Seeds data order, sampling and initialisation: on CPU the same seed gives the same run."""
 

@@ -5,7 +5,6 @@ import json
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from ..lm.base import SamplingParams
@@ -169,12 +168,3 @@ def print_summary(job: MMGRPO, summary: dict) -> None:
               f"-> trained {f:.3f} ± {summary['final_ci95']:.3f} (best {summary['best_dev']:.3f} "
               f"at step {summary['best_step']})")
     print(f"best adapter: {job.run.path / 'best_adapter'}")
-
-
-def train_from_config(cfg: TrainConfig, resume: str | None = None) -> int:
-    t0 = time.time()
-    job = build(cfg, resume)
-    summary = fit(job)
-    print_summary(job, summary)
-    print(f"total {time.time() - t0:.0f}s")
-    return 0

@@ -1,0 +1,44 @@
+"""Strategies: parsing, and "prompts -> weights" end to end through the command line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmgrpo.cli import main
+from mmgrpo.compose import parse_strategy
+
+
+def test_parse_strategy():
+    assert parse_strategy("prompts -> weights") == ["prompts", "weights"]
+    assert parse_strategy("Prompts->weights->prompts") == ["prompts", "weights", "prompts"]
+    with pytest.raises(ValueError, match=r"unknown step\(s\) \['distill'\]; known steps: prompts, weights"):
+        parse_strategy("prompts -> distill")
+    with pytest.raises(ValueError, match="empty step"):
+        parse_strategy("prompts -> ")
+    with pytest.raises(ValueError, match="'weights' may appear once"):
+        parse_strategy("weights -> prompts -> weights")
+
+
+def test_prompts_then_weights_from_the_command_line(tmp_path, capsys):
+    code = main(["train", "--task", "banking77", "--set", f"out={tmp_path}", "--set", "strategy=prompts -> weights",
+                 "--set", "steps=1", "--set", "batch_examples=2", "--set", "group_size=4", "--set", "max_tokens=12",
+                 "--set", "eval_examples=6", "--set", "prompt_candidates=2", "--set", "prompt_train_examples=8",
+                 "--set", "task_options.n_labels=10", "--set", "task_options.n_demos=5",
+                 "--set", "task_options.reasoning=false", "--set", "progress=false"])
+    assert code == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    strategy = json.loads((run / "strategy.json").read_text())
+    assert strategy["strategy"] == ["prompts", "weights"] and len(strategy["steps"]) == 2
+    trials = strategy["steps"][0]["trials"]
+    assert len(trials) == 2 and strategy["steps"][0]["best_dev"] == max(t["score"] for t in trials)
+    saved = json.loads((run / "prompts_step0.json").read_text())["prompts"]
+    # the weights step started from the searched prompts: its baseline equals the search's best score
+    assert strategy["steps"][1]["baseline_dev"] == pytest.approx(strategy["steps"][0]["best_dev"])
+    assert "classify" in saved and [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert "prompts: best dev" in capsys.readouterr().out
+
+
+def test_unknown_step_is_a_clear_cli_error(tmp_path, capsys):
+    assert main(["train", "--task", "banking77", "--set", "strategy=prompts -> magic", "--set", f"out={tmp_path}"]) == 2
+    assert "unknown step(s) ['magic']" in capsys.readouterr().err
