@@ -12,7 +12,7 @@ from mmgrpo.compose import parse_strategy
 def test_parse_strategy():
     assert parse_strategy("prompts -> weights") == ["prompts", "weights"]
     assert parse_strategy("Prompts->weights->prompts") == ["prompts", "weights", "prompts"]
-    with pytest.raises(ValueError, match=r"unknown step\(s\) \['distill'\]; known steps: prompts, weights"):
+    with pytest.raises(ValueError, match=r"unknown step\(s\) \['distill'\]; known steps: prompts, bootstrap, mipro, gepa, weights"):
         parse_strategy("prompts -> distill")
     with pytest.raises(ValueError, match="empty step"):
         parse_strategy("prompts -> ")

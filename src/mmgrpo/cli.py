@@ -57,6 +57,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import PRESETS, compare
+    from .grpo.config import load_config
+
+    if args.resume and not args.config and not args.set and not args.task:
+        import json
+        from pathlib import Path
+
+        saved = Path(args.resume) / "compare.json"
+        if not saved.exists():
+            raise FileNotFoundError(f"{args.resume} is not a comparison folder (no compare.json)")
+        settings = json.loads(saved.read_text())
+        from .grpo.config import from_dict
+
+        cfg, limit = from_dict(settings["config"], str(saved)), settings["test_limit"]
+    else:
+        task = args.task or "banking77"
+        cfg = load_config(args.config, overrides=[f"task={task}", *(args.set or [])],
+                          defaults=None if args.config else PRESETS.get(task))
+        limit = args.test_limit
+    t0 = time.time()
+    compare(cfg, root=args.resume, test_limit=limit)
+    print(f"total {time.time() - t0:.0f}s")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .lm.hf import HFBackend
     from .serve import start
@@ -94,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", default=None, help="a run folder to continue from its last checkpoint")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("compare", help="baseline vs prompts vs weights vs prompts -> weights, on held-out test")
+    c.add_argument("config", nargs="?", default=None, help="a .toml/.yaml config (default: the task's preset)")
+    c.add_argument("--task", choices=TASKS, default=None, help="the task (default banking77)")
+    c.add_argument("--resume", default=None, help="a comparison folder to finish (its saved settings are used)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    c.add_argument("--test-limit", dest="test_limit", type=int, default=None, help="score the first N test examples")
+    c.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server over the in-process backend")
     s.add_argument("--model", default="smollm2-135m")

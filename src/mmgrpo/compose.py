@@ -1,20 +1,22 @@
 """Composing the two levers: a strategy is a sequence of steps, run in order on one program.
 
-``prompts`` bootstraps few-shot demos and searches over them (optimize/bootstrap.py);
-``weights`` runs mmGRPO on the program with the prompts it has at that point (grpo/run.py).
-The paper's recipe is "prompts -> weights". Each step's prompts are written to the run folder,
-and a resumed run reloads them instead of searching again.
+Prompt steps: ``bootstrap`` (few-shot demos + random search), ``mipro`` (proposed instructions x
+demo sets, Optuna TPE), ``gepa`` (reflective instruction evolution); ``prompts`` means the one
+named by ``prompt_optimizer``. ``weights`` runs mmGRPO on the program with the prompts it has at
+that point (grpo/run.py). The paper's recipe is "prompts -> weights". Each prompt step's result
+is written to the run folder, and a resumed run reloads it instead of searching again.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import time
+from dataclasses import asdict, is_dataclass
 
 from .grpo.config import TrainConfig
 from .grpo.run import MMGRPO, build, fit, print_summary
-from .optimize.bootstrap import random_search
 
-STEPS = ("prompts", "weights")
+PROMPT_STEPS = ("bootstrap", "mipro", "gepa")
+STEPS = ("prompts", *PROMPT_STEPS, "weights")
 
 
 def parse_strategy(text: str) -> list[str]:
@@ -29,29 +31,60 @@ def parse_strategy(text: str) -> list[str]:
     return steps
 
 
-def prompts_step(job: MMGRPO, index: int) -> dict:
-    cfg, path = job.cfg, job.run.path / f"prompts_step{index}.json"
+def proposer_lm(cfg: TrainConfig, policy):
+    if not cfg.proposer_url:
+        return policy
+    from .lm.openai import OpenAIClient
+
+    return OpenAIClient(cfg.proposer_url, cfg.proposer_model)
+
+
+def optimize_prompts(job: MMGRPO, kind: str):
+    """Run one prompt optimizer on the job's program (it is left holding the best prompts)."""
+    cfg, task, program, lm = job.cfg, job.task, job.program, job.backend
+    train = task.train[: cfg.prompt_train_examples]
+    if kind == "bootstrap":
+        from .optimize.bootstrap import random_search
+
+        return random_search(program, train, job.dev, task.metric, lm, n_candidates=cfg.prompt_candidates,
+                             max_demos=cfg.prompt_max_demos, concurrency=cfg.concurrency, seed=cfg.seed)
+    if kind == "mipro":
+        from .optimize.mipro import mipro
+
+        return mipro(program, train, job.dev, task.metric, lm, proposer=proposer_lm(cfg, lm),
+                     description=task.description, n_instructions=cfg.prompt_instructions,
+                     n_demo_sets=cfg.prompt_candidates, max_demos=cfg.prompt_max_demos, trials=cfg.prompt_trials,
+                     minibatch=cfg.prompt_minibatch, top_k=cfg.prompt_top_k, concurrency=cfg.concurrency,
+                     seed=cfg.seed, progress=cfg.progress)
+    from .optimize.gepa import gepa_search
+
+    return gepa_search(program, train, job.dev, task.metric, lm, reflection_lm=proposer_lm(cfg, lm),
+                       max_metric_calls=cfg.gepa_metric_calls, minibatch=min(4, cfg.prompt_minibatch),
+                       concurrency=cfg.concurrency, seed=cfg.seed)
+
+
+def prompts_step(job: MMGRPO, index: int, kind: str) -> dict:
+    path = job.run.path / f"prompts_step{index}.json"
     if path.exists():  # resumed: keep what was found
         saved = json.loads(path.read_text())
         job.program.load_prompt_state(saved["prompts"])
         return saved["summary"]
-    res = random_search(job.program, job.task.train[: cfg.prompt_train_examples], job.dev, job.task.metric,
-                        job.backend, n_candidates=cfg.prompt_candidates, max_demos=cfg.prompt_max_demos,
-                        concurrency=cfg.concurrency, seed=cfg.seed)
-    summary = {"step": "prompts", "best_dev": res.best_score, "pool_sizes": res.pool_sizes,
-               "trials": [asdict(t) for t in res.trials]}
+    t0 = time.time()
+    res = optimize_prompts(job, kind)
+    summary = {"step": kind, "best_dev": res.best_score, "pool_sizes": res.pool_sizes, "seconds": time.time() - t0,
+               "trials": [asdict(t) if is_dataclass(t) else t for t in res.trials], **res.extra}
     job.run.write_json(path.name, {"prompts": res.best, "summary": summary})
     return summary
 
 
-def run(cfg: TrainConfig, resume: str | None = None) -> dict:
-    steps = parse_strategy(cfg.strategy)
-    job = build(cfg, resume)
+def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) -> dict:
+    steps = [cfg.prompt_optimizer if s == "prompts" else s for s in parse_strategy(cfg.strategy)]
+    job = job or build(cfg, resume)
     out: dict = {"strategy": steps, "steps": []}
     for i, step in enumerate(steps):
-        if step == "prompts":
-            s = prompts_step(job, i)
-            print(f"prompts: best dev {s['best_dev']:.3f} over {len(s['trials'])} demo sets "
+        if step in PROMPT_STEPS:
+            s = prompts_step(job, i, step)
+            print(f"{step}: best dev {s['best_dev']:.3f} over {len(s['trials'])} candidates "
                   f"(demo pool per module: {s['pool_sizes']})")
         else:
             s = fit(job)

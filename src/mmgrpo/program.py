@@ -55,7 +55,7 @@ class Module:
 
     def __init__(self, name: str, inputs: list[str], outputs: list[str], instruction: str,
                  demos: list[dict[str, Any]] | None = None, max_tokens: int | None = None,
-                 field_notes: Mapping[str, str] | None = None, lenient: bool = False):
+                 field_notes: Mapping[str, str] | None = None, lenient: bool = False, context: str = ""):
         if not outputs:
             raise ValueError(f"module {name!r} needs at least one output field")
         self.name = name
@@ -65,6 +65,8 @@ class Module:
         self.demos = list(demos or [])
         self.max_tokens = max_tokens
         self.field_notes = dict(field_notes or {})
+        # context: fixed text after the instruction (e.g. a label list) that prompt optimizers keep
+        self.context = context
         # lenient: a one-output module takes a reply without its 'field:' marker whole, so a model
         # that ignores the format still gets scored on content (strict is what teaches the format)
         self.lenient = lenient and len(self.outputs) == 1
@@ -72,7 +74,8 @@ class Module:
     # ---- prompt ---------------------------------------------------------------------
     def system_prompt(self) -> str:
         fmt = "\n".join(f"{f}: <{self.field_notes.get(f, _title(f))}>" for f in self.outputs)
-        return f"{self.instruction}\n\nAnswer in exactly this format:\n{fmt}"
+        head = f"{self.instruction}\n{self.context}" if self.context else self.instruction
+        return f"{head}\n\nAnswer in exactly this format:\n{fmt}"
 
     def _user(self, values: Mapping[str, Any]) -> str:
         missing = [f for f in self.inputs if f not in values]

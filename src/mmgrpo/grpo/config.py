@@ -25,14 +25,35 @@ class TrainConfig:
     prompts: str | None = None
     """A JSON file of optimized prompts (program.prompt_state()) to train with."""
     strategy: str = "weights"
-    """Steps in order, e.g. "prompts -> weights": prompts = few-shot bootstrapping + random search,
-    weights = mmGRPO on the program with the prompts it has by then."""
+    """Steps in order, e.g. "prompts -> weights". Steps: prompts (= `prompt_optimizer`), bootstrap
+    (few-shot demos + random search), mipro (instruction proposals + demo sets, Optuna TPE), gepa
+    (reflective instruction evolution), weights (mmGRPO on the program with the prompts it has by then)."""
+    prompt_optimizer: str = "mipro"
+    """What the `prompts` step runs: bootstrap, mipro or gepa."""
     prompt_candidates: int = 6
-    """prompts step: demo sets tried (the first is the program as it is)."""
+    """bootstrap: demo sets tried; mipro: demo sets per module (the first is the program as it is)."""
     prompt_max_demos: int = 4
-    """prompts step: demos per module."""
+    """bootstrap, mipro: demos per module."""
     prompt_train_examples: int = 50
-    """prompts step: training examples run to bootstrap demos from."""
+    """bootstrap, mipro: training examples run to bootstrap demos from; gepa: its training set."""
+    prompt_instructions: int = 4
+    """mipro: instructions per module (the current one and up to n - 1 proposals)."""
+    prompt_trials: int = 10
+    """mipro: TPE trials, each scored on a dev minibatch (the first is the program as it is)."""
+    prompt_minibatch: int = 20
+    """mipro: dev examples per trial; gepa: examples per reflection minibatch is min(4, this)."""
+    prompt_top_k: int = 3
+    """mipro: best configurations re-scored on the whole dev set; the best of them wins."""
+    gepa_metric_calls: int = 150
+    """gepa: budget of program runs (its stopping condition)."""
+    proposer_url: str | None = None
+    """mipro, gepa: an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) for the LM that
+    proposes or reflects on instructions; unset = the policy model itself."""
+    proposer_model: str = "default"
+    """The model name sent to `proposer_url` (its API key is read from OPENAI_API_KEY)."""
+    train_with_demos: bool = True
+    """weights: the update sees exactly the prompts used in rollouts (true), or each module's
+    instruction and input without its demos (false; the reference implementation's option)."""
     seed: int = 0
     """Seeds data order, sampling and initialisation: on CPU the same seed gives the same run."""
 
@@ -147,6 +168,13 @@ class TrainConfig:
         need(self.token_budget >= 64, "token_budget", "must be >= 64")
         need(64 <= self.pack_tokens <= 8192, "pack_tokens", "must be between 64 and 8192")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
+        need(self.train_with_demos or self.tis_cap is None, "tis_cap",
+             "needs train_with_demos = true (the sampler's log-probs are of the prompts with demos)")
+        need(self.prompt_optimizer in ("bootstrap", "mipro", "gepa"), "prompt_optimizer",
+             "must be bootstrap, mipro or gepa")
+        for key in ("prompt_candidates", "prompt_instructions", "prompt_trials", "prompt_minibatch", "prompt_top_k",
+                    "gepa_metric_calls"):
+            need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
 
@@ -189,8 +217,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    raw: dict = {}
+def load_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None) -> TrainConfig:
+    """Defaults (e.g. a task preset), then the file's keys, then KEY=VALUE overrides."""
+    raw: dict = json.loads(json.dumps(defaults or {}))
     source = str(path) if path else "config"
     if path:
         p = Path(path)
@@ -202,15 +231,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
                 import tomllib
             except ImportError:  # Python 3.10
                 import tomli as tomllib
-            raw = tomllib.loads(text)
+            loaded = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):
             import yaml
 
-            raw = yaml.safe_load(text) or {}
+            loaded = yaml.safe_load(text) or {}
         else:
             raise ValueError(f"{p}: use a .toml, .yaml or .yml config file")
-        if not isinstance(raw, dict):
+        if not isinstance(loaded, dict):
             raise ValueError(f"{p}: the config must be a mapping of keys to values")
+        raw.update(loaded)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like KEY=VALUE")

@@ -96,7 +96,8 @@ def _load_program(cfg: TrainConfig, task):
     return program
 
 
-def build(cfg: TrainConfig, resume: str | None = None) -> MMGRPO:
+def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None = None) -> MMGRPO:
+    """Assemble a run in a new folder (under cfg.out, or ``path``), or continue ``resume``."""
     from ..lm.hf import HFBackend
     from ..tasks import get_task
 
@@ -110,7 +111,7 @@ def build(cfg: TrainConfig, resume: str | None = None) -> MMGRPO:
             diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k))
             raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}")
     else:
-        run = RunDir.new(cfg.out, cfg.name)
+        run = RunDir(path) if path else RunDir.new(cfg.out, cfg.name)
     task = get_task(cfg.task, **cfg.task_options)
     program = _load_program(cfg, task)
     backend = HFBackend.load(cfg.model, max_batch=max(cfg.concurrency, 1))

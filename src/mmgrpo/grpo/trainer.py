@@ -112,6 +112,13 @@ class Trainer:
         return token_logprobs(logits, targets.to(dev)), mask.to(dev)
 
     # ---- update -------------------------------------------------------------------------
+    def prompt_ids(self, call) -> list[int]:
+        """The prompt the update conditions on: the sampled one, or (train_with_demos = false) the
+        module's system prompt and input alone (demo pairs sit between them in the messages)."""
+        if self.cfg.train_with_demos or len(call.messages) < 4:
+            return call.prompt_ids
+        return self.backend.tokenize_chat([call.messages[0], call.messages[-1]])
+
     def update(self, grouping: Grouping) -> dict:
         cfg = self.cfg
         members = grouping.members
@@ -120,7 +127,7 @@ class Trainer:
         t0 = time.perf_counter()
         lengths = [len(m.call.completion_ids) for m in members]
         coefs = sequence_coefficients(lengths, [m.weight for m in members], cfg.loss_type, max_len=cfg.max_tokens)
-        all_seqs = [(m.call.prompt_ids, m.call.completion_ids) for m in members]
+        all_seqs = [(self.prompt_ids(m.call), m.call.completion_ids) for m in members]
         batches = self.plan(all_seqs)
         old: dict[int, torch.Tensor] = {}
         stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
@@ -171,7 +178,7 @@ class Trainer:
                 "kl": stats["kl"] / n_tok, "grad_norm": grad_norm, "lr": self.sched.get_last_lr()[0],
                 "train_tokens": int(stats["tokens"]), "micro_batches": len(batches),
                 "mismatch_mean": mismatch, "mismatch_max": stats["mismatch_max"],
-                "mismatch_warning": mismatch > cfg.mismatch_tolerance,
+                "mismatch_warning": cfg.train_with_demos and mismatch > cfg.mismatch_tolerance,
                 "update_s": time.perf_counter() - t0}
 
     # ---- checkpoints --------------------------------------------------------------------

@@ -74,6 +74,8 @@ class HFBackend:
     def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to complete")
+        if getattr(self, "_closed", False):
+            raise RuntimeError("this backend was closed; load a new one")
         fut: Future = Future()
         self._queue.put(_Request(list(prompt_ids), params, fut))
         return fut.result()
@@ -90,9 +92,18 @@ class HFBackend:
                 self._active -= n
 
     # ---- batching -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the batching thread (it holds the model); later requests are an error."""
+        self._closed = True
+        self._queue.put(None)
+        self._worker.join(timeout=30)
+        self._prefix_cache.clear()
+
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
+            if first is None:
+                return
             batch = [first]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
@@ -104,9 +115,13 @@ class HFBackend:
                 if timeout <= 0:
                     break
                 try:
-                    batch.append(self._queue.get(timeout=timeout))
+                    item = self._queue.get(timeout=timeout)
                 except queue.Empty:
                     break
+                if item is None:  # close(): finish this batch first
+                    self._queue.put(None)
+                    break
+                batch.append(item)
             try:
                 results = self.generate_batch([r.prompt_ids for r in batch], [r.params for r in batch])
                 for r, res in zip(batch, results):

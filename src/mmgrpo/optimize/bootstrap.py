@@ -46,8 +46,9 @@ class Trial:
 class SearchResult:
     best: dict[str, dict]  # the winning prompt state
     best_score: float
-    trials: list[Trial] = field(default_factory=list)
+    trials: list = field(default_factory=list)  # every configuration scored, in order
     pool_sizes: dict[str, int] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # optimizer-specific record (proposals, ...)
 
 
 def random_search(program: Program, train: Sequence[Example], dev: Sequence[Example], metric: Metric, lm: LM, *,

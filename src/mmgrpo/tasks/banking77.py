@@ -42,8 +42,8 @@ class Classify(Program):
         options = "\n".join(f"- {lab}" for lab in self.labels)
         self.classify = Module(
             "classify", inputs=["query"], outputs=(["reasoning"] if reasoning else []) + ["label"], demos=demos,
-            instruction=("Classify the banking customer's query into one of these intents:\n"
-                         f"{options}\nThe label must be copied exactly from the list."),
+            instruction="Classify the banking customer's query into one of these intents:",
+            context=f"{options}\nThe label must be copied exactly from the list.",
             field_notes={"reasoning": "one short sentence", "label": "one intent from the list"},
             max_tokens=64)
 

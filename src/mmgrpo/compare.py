@@ -1,0 +1,177 @@
+"""``mmgrpo compare``: the paper's four-way comparison from one starting point and one budget.
+
+Arms: the program as it is (baseline), prompt optimization alone, mmGRPO alone, and prompt
+optimization then mmGRPO. Every arm has its own subfolder of one comparison folder, a fresh copy
+of the model, the same config apart from the strategy, and is scored on the held-out test split.
+prompts -> weights starts from the prompts arm's search result (the same search, not a second
+one) and its cost includes that search. A finished arm writes arm.json and is skipped when the
+comparison is resumed; an unfinished one continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from .grpo.config import TrainConfig
+from .rollout import evaluate
+from .runlog import RunDir, format_table, write_json
+
+ARMS = (("baseline", ""), ("prompts", "prompts"), ("weights", "weights"), ("prompts_weights", "prompts -> weights"))
+
+_BANKING77 = {"task_options": {"n_labels": 10, "n_demos": 5, "reasoning": False, "valid_label_credit": 0.1},
+              "steps": 12, "batch_examples": 8, "group_size": 8, "temperature": 0.8, "max_tokens": 16,
+              "learning_rate": 1e-4, "eval_every": 4, "eval_examples": 60, "checkpoint_every": 4}
+PRESETS = {  # budgets sized for a 2-core CPU and the embedded model; banking77's measured < 30 min
+    "banking77": {**_BANKING77, "prompt_trials": 10, "prompt_minibatch": 20, "prompt_train_examples": 50},
+    "multihop": {"steps": 4, "batch_examples": 4, "group_size": 4, "temperature": 0.8, "max_tokens": 48,
+                 "eval_every": 2, "eval_examples": 30, "checkpoint_every": 2, "prompt_trials": 6,
+                 "prompt_minibatch": 10, "prompt_train_examples": 20, "prompt_candidates": 3},
+    "papillon": {"steps": 4, "batch_examples": 4, "group_size": 4, "temperature": 0.8, "max_tokens": 64,
+                 "eval_every": 2, "eval_examples": 30, "checkpoint_every": 2, "prompt_trials": 6,
+                 "prompt_minibatch": 10, "prompt_train_examples": 20, "prompt_candidates": 3},
+}
+
+
+def paired_diff(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a - b over the same examples, with a normal-approximation 95% half-width."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    m = sum(d) / len(d)
+    if len(d) < 2:
+        return m, float("nan")
+    var = sum((x - m) ** 2 for x in d) / (len(d) - 1)
+    return m, 1.96 * math.sqrt(var / len(d))
+
+
+def _cost(backend, t0: float) -> dict:
+    s = backend.stats
+    return {"seconds": time.time() - t0, "lm_calls": s["requests"], "gen_tokens": s["generated_tokens"],
+            "prompt_tokens": s["prompt_tokens"]}
+
+
+def run_arm(cfg: TrainConfig, root: Path, name: str, strategy: str, test_limit: int | None) -> dict:
+    from .compose import run as run_strategy
+    from .grpo.run import build
+
+    folder = root / name
+    arm_cfg = dataclasses.replace(cfg, strategy=strategy, name=name, out=str(root))
+    resumed = (folder / "config.json").exists()
+    t0 = time.time()
+    job = build(arm_cfg, resume=str(folder) if resumed else None, path=folder)
+    reused = None
+    if name == "prompts_weights" and (root / "prompts" / "arm.json").exists():
+        # the same search as the prompts arm: reuse its result (compose reloads a saved step)
+        shutil.copyfile(root / "prompts" / "prompts_step0.json", folder / "prompts_step0.json")
+        reused = json.loads((root / "prompts" / "arm.json").read_text())["optimize_cost"]
+    optimize_cost = None
+    if strategy:
+        run_strategy(arm_cfg, job=job)
+        optimize_cost = _cost(job.backend, t0) if strategy == "prompts" else None
+    task, program, lm = job.task, job.program, job.backend
+    dev = evaluate(program, job.dev, task.metric, lm, concurrency=cfg.concurrency, seed=cfg.seed,
+                   progress=cfg.progress, desc=f"{name}: dev")
+    test_set = task.test[:test_limit] if test_limit else task.test
+    test = evaluate(program, test_set, task.metric, lm, concurrency=cfg.concurrency, seed=cfg.seed,
+                    progress=cfg.progress, desc=f"{name}: test")
+    cost = _cost(lm, t0)
+    if reused:
+        cost = {k: cost[k] + reused[k] for k in cost}
+    rec = {"arm": name, "strategy": strategy or "baseline", "test": test.mean, "test_ci95": test.ci95, "test_n": test.n,
+           "test_counts": test.counts, "test_scores": test.scores, "test_ids": [ex.id for ex in test_set],
+           "dev": dev.mean, "dev_ci95": dev.ci95, "dev_n": dev.n, **cost, "optimize_cost": optimize_cost,
+           "includes_reused_search": bool(reused), "resumed": resumed, "prompts": program.prompt_state()}
+    write_json(folder / "arm.json", rec)
+    if hasattr(lm, "close"):
+        lm.close()
+    del job, lm, program
+    gc.collect()
+    return rec
+
+
+def plot(root: Path, rows: dict[str, dict], title: str) -> Path | None:
+    """Dev score over mmGRPO steps for the training arms, the other arms as flat lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    colors = {"baseline": "tab:gray", "prompts": "tab:blue", "weights": "tab:orange", "prompts_weights": "tab:green"}
+    for name in ("weights", "prompts_weights"):
+        devs = RunDir(root / name).read_log("dev.jsonl") if (root / name).exists() else []
+        if devs:
+            xs, ys, cis = [d["step"] for d in devs], [d["dev"] for d in devs], [d["dev_ci95"] for d in devs]
+            ax.plot(xs, ys, marker="o", color=colors[name], label=rows.get(name, {}).get("strategy", name))
+            ax.fill_between(xs, [y - c for y, c in zip(ys, cis)], [y + c for y, c in zip(ys, cis)],
+                            color=colors[name], alpha=0.12)
+    for name in ("baseline", "prompts"):
+        if name in rows:
+            ax.axhline(rows[name]["dev"], ls="--", color=colors[name], label=f"{name} (dev)")
+    ax.set_xlabel("mmGRPO step")
+    ax.set_ylabel("dev score")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = root / "compare.png"
+    tmp = root / ".compare.png.tmp"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def compare(cfg: TrainConfig, root: str | Path | None = None, test_limit: int | None = None,
+            arms=ARMS) -> dict:
+    from tqdm.auto import tqdm
+
+    if root is None:
+        run = RunDir.new(cfg.out, f"compare-{cfg.task}")
+    else:
+        run = RunDir(root)
+    saved = run.path / "compare.json"
+    settings = {"config": json.loads(json.dumps(cfg.to_dict())), "test_limit": test_limit,
+                "arms": [a for a, _ in arms]}
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        if old != settings:
+            diff = sorted(k for k in old["config"] if old["config"].get(k) != settings["config"].get(k))
+            raise ValueError(f"{run.path} was started with other settings (config keys {diff}, test_limit "
+                             f"{old['test_limit']}); resume with the same ones, or start a new comparison")
+    else:
+        write_json(saved, settings)
+    rows: dict[str, dict] = {}
+    bar = tqdm(arms, desc="compare", disable=not cfg.progress)
+    for name, strategy in bar:
+        bar.set_postfix(arm=name)
+        done = run.path / name / "arm.json"
+        rows[name] = json.loads(done.read_text()) if done.exists() else run_arm(cfg, run.path, name, strategy,
+                                                                                 test_limit)
+    bar.close()
+    ref = rows.get("prompts_weights")
+    for r in rows.values():
+        if ref and r is not ref and r["test_ids"] == ref["test_ids"]:
+            r["vs_prompts_weights"] = paired_diff(ref["test_scores"], r["test_scores"])
+    png = plot(run.path, rows, f"{cfg.task} ({cfg.model}), dev n={cfg.eval_examples}")
+    table = format_table(
+        [(r["strategy"], f"{r['test']:.3f}", f"±{r['test_ci95']:.3f}", r["test_n"], f"{r['dev']:.3f}",
+          "" if "vs_prompts_weights" not in r else "{:+.3f} ± {:.3f}".format(*r["vs_prompts_weights"]),
+          f"{r['seconds']:.0f}{'*' if r['resumed'] else ''}", r["lm_calls"], r["gen_tokens"], r["prompt_tokens"])
+         for r in rows.values()],
+        ("arm", "test", "95% CI", "n", "dev", "p->w minus arm (paired)", "wall s", "LM calls", "gen tokens",
+         "prompt tokens"))
+    notes = ["prompts -> weights reuses the prompts arm's search; its cost includes that search."]
+    if any(r["resumed"] for r in rows.values()):
+        notes.append("* resumed arm: wall time and counts cover the part run in the finishing process.")
+    summary = {"task": cfg.task, "model": cfg.model, "folder": str(run.path), "plot": str(png), "table": table,
+               "notes": notes, "arms": {k: {x: v for x, v in r.items() if x not in ("test_scores", "prompts")}
+                                        for k, r in rows.items()}}
+    write_json(run.path / "results.json", summary)
+    (run.path / "table.txt").write_text(table + "\n" + "\n".join(notes) + "\n")
+    print(f"\n{cfg.task}: held-out test, {cfg.model}\n{table}\n" + "\n".join(notes))
+    print(f"folder: {run.path}\nplot: {png}")
+    return summary
