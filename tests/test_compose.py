@@ -22,6 +22,7 @@ def test_parse_strategy():
 
 def test_prompts_then_weights_from_the_command_line(tmp_path, capsys):
     code = main(["train", "--task", "banking77", "--set", f"out={tmp_path}", "--set", "strategy=prompts -> weights",
+                 "--set", "prompt_optimizer=bootstrap",
                  "--set", "steps=1", "--set", "batch_examples=2", "--set", "group_size=4", "--set", "max_tokens=12",
                  "--set", "eval_examples=6", "--set", "prompt_candidates=2", "--set", "prompt_train_examples=8",
                  "--set", "task_options.n_labels=10", "--set", "task_options.n_demos=5",

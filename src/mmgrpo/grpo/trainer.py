@@ -22,6 +22,14 @@ from .loss import grpo_loss, sequence_coefficients, token_logprobs
 from .packing import pack, plan_packed, unpack
 
 
+def update_prompt(call, tokenize_chat, with_demos: bool) -> list[int]:
+    """The prompt the update conditions on: the sampled one, or (with_demos = False) the module's
+    system prompt and input alone (its demo pairs sit between them in the messages)."""
+    if with_demos or len(call.messages) < 4:
+        return call.prompt_ids
+    return tokenize_chat([call.messages[0], call.messages[-1]])
+
+
 def lr_lambda(cfg: TrainConfig):
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -112,13 +120,6 @@ class Trainer:
         return token_logprobs(logits, targets.to(dev)), mask.to(dev)
 
     # ---- update -------------------------------------------------------------------------
-    def prompt_ids(self, call) -> list[int]:
-        """The prompt the update conditions on: the sampled one, or (train_with_demos = false) the
-        module's system prompt and input alone (demo pairs sit between them in the messages)."""
-        if self.cfg.train_with_demos or len(call.messages) < 4:
-            return call.prompt_ids
-        return self.backend.tokenize_chat([call.messages[0], call.messages[-1]])
-
     def update(self, grouping: Grouping) -> dict:
         cfg = self.cfg
         members = grouping.members
@@ -127,7 +128,8 @@ class Trainer:
         t0 = time.perf_counter()
         lengths = [len(m.call.completion_ids) for m in members]
         coefs = sequence_coefficients(lengths, [m.weight for m in members], cfg.loss_type, max_len=cfg.max_tokens)
-        all_seqs = [(self.prompt_ids(m.call), m.call.completion_ids) for m in members]
+        all_seqs = [(update_prompt(m.call, self.backend.tokenize_chat, cfg.train_with_demos), m.call.completion_ids)
+                    for m in members]
         batches = self.plan(all_seqs)
         old: dict[int, torch.Tensor] = {}
         stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}

@@ -8,6 +8,7 @@ it is, so the search never returns something it scored below the starting point 
 from __future__ import annotations
 
 import copy
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -87,15 +88,20 @@ def propose_instructions(program: Program, pool: dict[str, list[dict]], proposer
 
 
 def demo_sets(program: Program, pool: dict[str, list[dict]], n: int, max_demos: int, seed: int) -> dict:
+    """Set 0: the module's demos as they are; then each adds up to ``max_demos`` bootstrapped ones
+    to them (labelled plus bootstrapped demos, as MIPROv2 does), skipping inputs already shown."""
     rng = random.Random(seed)
     out = {}
     for name, mod in program.named_modules().items():
         sets = [list(mod.demos)]
+        shown = {json.dumps({f: d.get(f) for f in mod.inputs}, sort_keys=True, default=str) for d in mod.demos}
+        fresh = [d for d in pool.get(name, [])
+                 if json.dumps({f: d.get(f) for f in mod.inputs}, sort_keys=True, default=str) not in shown]
         for _ in range(n - 1):
-            if not pool.get(name):
+            if not fresh:
                 break
-            pick = rng.sample(pool[name], min(max_demos, len(pool[name])))
-            sets.append([{f: v for f, v in d.items() if f != "_example"} for d in pick])
+            pick = rng.sample(fresh, min(max_demos, len(fresh)))
+            sets.append(list(mod.demos) + [{f: v for f, v in d.items() if f != "_example"} for d in pick])
         out[name] = sets
     return out
 

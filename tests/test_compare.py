@@ -1,0 +1,72 @@
+"""`mmgrpo compare` end to end on the embedded model at a tiny budget: four arms in one folder,
+a test table and a PNG plot, the composed arm starts from the prompt arm's search, and a resumed
+comparison skips finished arms; plus the update-without-demos prompt."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmgrpo import trace
+from mmgrpo.cli import main
+from mmgrpo.compare import paired_diff
+from mmgrpo.grpo.trainer import update_prompt
+from mmgrpo.lm.base import SamplingParams, using
+from mmgrpo.tasks import get_task
+
+TINY = ["--set", "steps=1", "--set", "eval_every=1", "--set", "batch_examples=2", "--set", "group_size=4",
+        "--set", "eval_examples=4", "--set", "prompt_trials=2", "--set", "prompt_minibatch=3",
+        "--set", "prompt_train_examples=6", "--set", "prompt_instructions=2", "--set", "prompt_candidates=2",
+        "--set", "prompt_top_k=1", "--set", "progress=false", "--test-limit", "5"]
+
+
+def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
+    assert main(["compare", "--task", "banking77", "--set", f"out={tmp_path}", *TINY]) == 0
+    (root,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    out = capsys.readouterr().out
+    for label in ("baseline", "prompts", "weights", "prompts -> weights"):
+        assert f"\n{label} " in out
+    results = json.loads((root / "results.json").read_text())
+    arms = results["arms"]
+    assert list(arms) == ["baseline", "prompts", "weights", "prompts_weights"]
+    for name, arm in arms.items():
+        assert arm["test_n"] == 5 and 0 <= arm["test"] <= 1 and arm["lm_calls"] > 0 and arm["gen_tokens"] > 0
+        assert (root / name / "arm.json").exists()
+    assert (root / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the composed arm trained from the prompts arm's search result, and its cost includes that search
+    search = json.loads((root / "prompts" / "prompts_step0.json").read_text())
+    assert json.loads((root / "prompts_weights" / "prompts_step0.json").read_text()) == search
+    assert json.loads((root / "prompts_weights" / "config.json").read_text())["config"]["strategy"] == "prompts -> weights"
+    assert arms["prompts_weights"]["includes_reused_search"]
+    assert arms["prompts_weights"]["lm_calls"] > arms["weights"]["lm_calls"]
+    assert [json.loads(x)["step"] for x in (root / "weights" / "dev.jsonl").read_text().splitlines()] == [0, 1]
+
+    # resume: every arm is finished, nothing runs again, the same table comes back
+    before = (root / "table.txt").read_text()
+    assert main(["compare", "--resume", str(root)]) == 0
+    assert (root / "table.txt").read_text() == before
+    # resuming with other settings is refused, naming the key
+    assert main(["compare", "--task", "banking77", "--resume", str(root), "--set", f"out={tmp_path}", *TINY,
+                 "--set", "steps=2"]) == 2
+    assert "config keys ['steps']" in capsys.readouterr().err
+
+
+def test_paired_difference():
+    m, ci = paired_diff([1, 1, 0, 1], [0, 1, 0, 0])
+    assert m == pytest.approx(0.5) and ci == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2)
+
+
+def test_update_prompt_without_demos_is_the_instruction_and_input(lm):
+    task = get_task("banking77", n_labels=10, n_demos=3, reasoning=False)
+    program = task.make_program()
+    traj = trace.Trajectory(example_id="x", sample_index=0, seed=1)
+    with trace.recording(traj), using(lm, SamplingParams(temperature=0.0, max_tokens=8)):
+        try:
+            program(query="I lost my card")
+        except Exception:  # noqa: BLE001 - a parse failure still records the call
+            pass
+    (call,) = traj.calls
+    assert update_prompt(call, lm.tokenize_chat, True) == call.prompt_ids
+    bare = update_prompt(call, lm.tokenize_chat, False)
+    assert bare == lm.tokenize_chat(program.classify.render({"query": "I lost my card"}, with_demos=False))
+    assert len(bare) < len(call.prompt_ids)
