@@ -81,3 +81,34 @@ def test_gepa_with_the_embedded_model_as_its_own_reflector_completes(lm, task):
     program = task.make_program()
     res = gepa_search(program, task.train[:4], task.dev[:3], task.metric, lm, max_metric_calls=9, minibatch=2, seed=1)
     assert res.extra["reflection_calls"] >= 1 and res.trials and program.prompt_state() == res.best
+
+
+def test_demo_sets_add_bootstrapped_demos_to_the_labelled_ones(task):
+    from mmgrpo.optimize.mipro import demo_sets
+
+    program = task.make_program()
+    labelled = list(program.classify.demos)
+    shown = labelled[0]["query"]
+    pool = {"classify": [{"query": shown, "label": "x", "_example": "a"}]
+            + [{"query": f"q{i}", "label": f"l{i}", "_example": f"e{i}"} for i in range(6)]}
+    sets = demo_sets(program, pool, n=3, max_demos=2, seed=0)["classify"]
+    assert len(sets) == 3 and sets[0] == labelled
+    for s in sets[1:]:
+        assert s[: len(labelled)] == labelled and len(s) == len(labelled) + 2
+        assert all("_example" not in d and d["query"] != shown for d in s[len(labelled):])
+    assert demo_sets(program, {"classify": []}, n=3, max_demos=2, seed=0)["classify"] == [labelled]
+    # labelled training examples join the bootstrapped demos, never repeating an input
+    lab = {"classify": [{"query": f"q{i}", "label": f"l{i}", "_example": f"e{i}"} for i in range(3)]
+           + [{"query": "new", "label": "gold", "_example": "n"}]}
+    mixed = demo_sets(program, pool, n=2, max_demos=2, seed=1, labelled=lab)["classify"][1][len(labelled):]
+    queries = [d["query"] for d in mixed]
+    assert len(mixed) == 4 and len(set(queries)) == 4
+
+
+def test_labelled_pool_takes_examples_whose_fields_the_module_has(task):
+    from mmgrpo.optimize.mipro import labelled_pool
+
+    program = task.make_program()
+    pool = labelled_pool(program, task.train[:5])["classify"]
+    assert [d["label"] for d in pool] == [ex.gold["label"] for ex in task.train[:5]]
+    assert [d["query"] for d in pool] == [ex.inputs["query"] for ex in task.train[:5]]

@@ -1,6 +1,7 @@
 """MIPROv2-style search: a proposer LM drafts instructions for every module, then a Bayesian
 search (Optuna's TPE) over one (instruction, demo set) choice per module, scored on seeded dev
 minibatches; the few best configurations are scored on the full dev set and the winner loaded.
+Demo sets mix demos bootstrapped from passing traces with labelled training examples.
 
 Candidate 0 of every choice is what the program has now, and the first trial is the program as
 it is, so the search never returns something it scored below the starting point on full dev.
@@ -87,20 +88,39 @@ def propose_instructions(program: Program, pool: dict[str, list[dict]], proposer
     return out, rejected
 
 
-def demo_sets(program: Program, pool: dict[str, list[dict]], n: int, max_demos: int, seed: int) -> dict:
-    """Set 0: the module's demos as they are; then each adds up to ``max_demos`` bootstrapped ones
-    to them (labelled plus bootstrapped demos, as MIPROv2 does), skipping inputs already shown."""
+def labelled_pool(program: Program, train: Sequence[Example]) -> dict[str, list[dict]]:
+    """Training examples as demos, for each module whose inputs and outputs the examples carry
+    (MIPROv2's labelled demos: they show answers the model does not give yet)."""
+    out = {}
+    for name, mod in program.named_modules().items():
+        out[name] = [{**{f: ex.inputs[f] for f in mod.inputs}, **{f: ex.gold[f] for f in mod.outputs},
+                      "_example": ex.id} for ex in train
+                     if all(f in ex.inputs for f in mod.inputs) and all(f in ex.gold for f in mod.outputs)]
+    return out
+
+
+def _key(d: dict, fields: list[str]) -> str:
+    return json.dumps({f: d.get(f) for f in fields}, sort_keys=True, default=str)
+
+
+def demo_sets(program: Program, pool: dict[str, list[dict]], n: int, max_demos: int, seed: int,
+              labelled: dict[str, list[dict]] | None = None) -> dict:
+    """Set 0: the module's demos as they are; each other set adds up to ``max_demos`` bootstrapped
+    and up to ``max_demos`` labelled demos to them, never repeating an input already shown."""
     rng = random.Random(seed)
     out = {}
     for name, mod in program.named_modules().items():
         sets = [list(mod.demos)]
-        shown = {json.dumps({f: d.get(f) for f in mod.inputs}, sort_keys=True, default=str) for d in mod.demos}
-        fresh = [d for d in pool.get(name, [])
-                 if json.dumps({f: d.get(f) for f in mod.inputs}, sort_keys=True, default=str) not in shown]
+        shown = {_key(d, mod.inputs) for d in mod.demos}
+        boot = [d for d in pool.get(name, []) if _key(d, mod.inputs) not in shown]
+        lab = [d for d in (labelled or {}).get(name, []) if _key(d, mod.inputs) not in shown]
         for _ in range(n - 1):
-            if not fresh:
+            if not boot and not lab:
                 break
-            pick = rng.sample(fresh, min(max_demos, len(fresh)))
+            pick = rng.sample(boot, min(max_demos, len(boot)))
+            taken = {_key(d, mod.inputs) for d in pick}
+            rest = [d for d in lab if _key(d, mod.inputs) not in taken]
+            pick += rng.sample(rest, min(max_demos, len(rest)))
             sets.append(list(mod.demos) + [{f: v for f, v in d.items() if f != "_example"} for d in pick])
         out[name] = sets
     return out
@@ -115,7 +135,7 @@ def mipro(program: Program, train: Sequence[Example], dev: Sequence[Example], me
     pool = bootstrap_pool(program, train, metric, lm, threshold=threshold, concurrency=concurrency, seed=seed)
     instructions, rejected = propose_instructions(program, pool, proposer or lm, n=n_instructions,
                                                   description=description, seed=seed)
-    sets = demo_sets(program, pool, n_demo_sets, max_demos, seed)
+    sets = demo_sets(program, pool, n_demo_sets, max_demos, seed, labelled=labelled_pool(program, train))
     base = copy.deepcopy(program.prompt_state())
 
     def state_for(params: dict[str, int]) -> dict:
