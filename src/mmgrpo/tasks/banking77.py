@@ -45,7 +45,7 @@ class Classify(Program):
             instruction="Classify the banking customer's query into one of these intents:",
             context=f"{options}\nThe label must be copied exactly from the list.",
             field_notes={"reasoning": "one short sentence", "label": "one intent from the list"},
-            max_tokens=64)
+            max_tokens=64 if reasoning else 24)  # a label is <= ~15 tokens; longer replies are noise
 
     def forward(self, query: str) -> Prediction:
         return self.classify(query=query)
