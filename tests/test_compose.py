@@ -30,14 +30,14 @@ def test_prompts_then_weights_from_the_command_line(tmp_path, capsys):
     assert code == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     strategy = json.loads((run / "strategy.json").read_text())
-    assert strategy["strategy"] == ["prompts", "weights"] and len(strategy["steps"]) == 2
+    assert strategy["strategy"] == ["bootstrap", "weights"] and len(strategy["steps"]) == 2
     trials = strategy["steps"][0]["trials"]
     assert len(trials) == 2 and strategy["steps"][0]["best_dev"] == max(t["score"] for t in trials)
     saved = json.loads((run / "prompts_step0.json").read_text())["prompts"]
     # the weights step started from the searched prompts: its baseline equals the search's best score
     assert strategy["steps"][1]["baseline_dev"] == pytest.approx(strategy["steps"][0]["best_dev"])
     assert "classify" in saved and [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
-    assert "prompts: best dev" in capsys.readouterr().out
+    assert "bootstrap: best dev" in capsys.readouterr().out
 
 
 def test_unknown_step_is_a_clear_cli_error(tmp_path, capsys):
