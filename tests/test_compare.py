@@ -17,7 +17,7 @@ from mmgrpo.tasks import get_task
 TINY = ["--set", "steps=1", "--set", "eval_every=1", "--set", "batch_examples=2", "--set", "group_size=4",
         "--set", "eval_examples=4", "--set", "prompt_trials=2", "--set", "prompt_minibatch=3",
         "--set", "prompt_train_examples=6", "--set", "prompt_instructions=2", "--set", "prompt_candidates=2",
-        "--set", "prompt_top_k=1", "--set", "progress=false", "--test-limit", "5"]
+        "--set", "prompt_top_k=2", "--set", "progress=false", "--test-limit", "5"]
 
 
 def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):

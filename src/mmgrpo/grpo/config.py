@@ -43,7 +43,9 @@ class TrainConfig:
     prompt_minibatch: int = 20
     """mipro: dev examples per trial; gepa: examples per reflection minibatch is min(4, this)."""
     prompt_top_k: int = 3
-    """mipro: best configurations re-scored on the whole dev set; the best of them wins."""
+    """mipro: configurations re-scored on the whole dev set, the best of them wins: the best by
+    minibatch score, with the program as it was taking the last place if it is not among them
+    (so 1 keeps the starting prompts)."""
     gepa_metric_calls: int = 150
     """gepa: budget of program runs (its stopping condition)."""
     proposer_url: str | None = None
