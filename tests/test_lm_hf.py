@@ -1,15 +1,13 @@
 """The HF backend on the real embedded model: exact ids, log-probs, batching, determinism."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from mmgrpo import trace
 from mmgrpo.lm.base import SamplingParams, using
 from mmgrpo.models import ModelNotFound, load, resolve
-from mmgrpo.program import Example, Module, Prediction, Program
+from mmgrpo.program import Example, Module, Program
 from mmgrpo.rollout import sample
 
 

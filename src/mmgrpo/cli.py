@@ -58,20 +58,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import PRESETS, compare
+    from .compare import PRESETS, compare, saved_settings
     from .grpo.config import load_config
 
     if args.resume and not args.config and not args.set and not args.task:
-        import json
-        from pathlib import Path
-
-        saved = Path(args.resume) / "compare.json"
-        if not saved.exists():
-            raise FileNotFoundError(f"{args.resume} is not a comparison folder (no compare.json)")
-        settings = json.loads(saved.read_text())
-        from .grpo.config import from_dict
-
-        cfg, limit = from_dict(settings["config"], str(saved)), settings["test_limit"]
+        cfg, limit = saved_settings(args.resume)
     else:
         task = args.task or "banking77"
         cfg = load_config(args.config, overrides=[f"task={task}", *(args.set or [])],

@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 from .grpo.config import TrainConfig
-from .rollout import evaluate
+from .rollout import evaluate, mean_ci
 from .runlog import RunDir, format_table, write_json
 
 ARMS = (("baseline", ""), ("prompts", "prompts"), ("weights", "weights"), ("prompts_weights", "prompts -> weights"))
@@ -41,12 +40,7 @@ PRESETS = {  # budgets sized for a 2-core CPU and the embedded model; banking77'
 
 def paired_diff(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of a - b over the same examples, with a normal-approximation 95% half-width."""
-    d = [x - y for x, y in zip(a, b, strict=True)]
-    m = sum(d) / len(d)
-    if len(d) < 2:
-        return m, float("nan")
-    var = sum((x - m) ** 2 for x in d) / (len(d) - 1)
-    return m, 1.96 * math.sqrt(var / len(d))
+    return mean_ci([x - y for x, y in zip(a, b, strict=True)])
 
 
 def _cost(backend, t0: float) -> dict:
@@ -125,6 +119,17 @@ def plot(root: Path, rows: dict[str, dict], title: str) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def saved_settings(folder: str | Path) -> tuple[TrainConfig, int | None]:
+    """The config and test limit a comparison folder was started with, to finish it as it began."""
+    from .grpo.config import from_dict
+
+    saved = Path(folder) / "compare.json"
+    if not saved.exists():
+        raise FileNotFoundError(f"{folder} is not a comparison folder (no compare.json)")
+    settings = json.loads(saved.read_text())
+    return from_dict(settings["config"], str(saved)), settings["test_limit"]
 
 
 def compare(cfg: TrainConfig, root: str | Path | None = None, test_limit: int | None = None,

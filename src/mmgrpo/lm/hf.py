@@ -41,7 +41,8 @@ class HFBackend:
         self.min_prefix = 16
         self.prefill_chunk = prefill_chunk
         self._prefix_cache: dict[tuple, list] = {}
-        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._queue: queue.Queue[_Request | None] = queue.Queue()  # None: close() asks the worker to stop
+        self._closed = False
         self._active = 0  # program threads currently running (see `clients`)
         self._active_lock = threading.Lock()
         stop_ids = {tokenizer.eos_token_id}
@@ -74,7 +75,7 @@ class HFBackend:
     def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to complete")
-        if getattr(self, "_closed", False):
+        if self._closed:
             raise RuntimeError("this backend was closed; load a new one")
         fut: Future = Future()
         self._queue.put(_Request(list(prompt_ids), params, fut))

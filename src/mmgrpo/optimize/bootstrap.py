@@ -34,6 +34,11 @@ def bootstrap_pool(program: Program, examples: Sequence[Example], metric: Metric
     return pool
 
 
+def as_demo(entry: dict) -> dict:
+    """A pool entry without its bookkeeping (the id of the example it came from)."""
+    return {f: v for f, v in entry.items() if f != "_example"}
+
+
 @dataclass
 class Trial:
     index: int
@@ -65,7 +70,7 @@ def random_search(program: Program, train: Sequence[Example], dev: Sequence[Exam
         if k > 0:  # candidate 0 is the program as it is
             for mod, demos in pool.items():
                 pick = rng.sample(demos, min(max_demos, len(demos)))
-                state[mod]["demos"] = [{f: v for f, v in d.items() if f != "_example"} for d in pick]
+                state[mod]["demos"] = [as_demo(d) for d in pick]
                 chosen[mod] = [d["_example"] for d in pick]
         program.load_prompt_state(state)
         ev = evaluate(program, dev, metric, lm, concurrency=concurrency, seed=seed, progress=False)

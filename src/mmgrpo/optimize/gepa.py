@@ -43,7 +43,7 @@ class ProgramAdapter:
         self.records_per_module = records_per_module
         self.lm_calls = 0
 
-    def _load(self, candidate: dict[str, str]) -> None:
+    def load(self, candidate: dict[str, str]) -> None:
         state = self.program.prompt_state()
         for name, text in candidate.items():
             state[name]["instruction"] = text
@@ -52,7 +52,7 @@ class ProgramAdapter:
     def evaluate(self, batch: list[Example], candidate: dict[str, str], capture_traces: bool = False):
         from gepa import EvaluationBatch
 
-        self._load(candidate)
+        self.load(candidate)
         res = sample(self.program, batch, self.metric, self.lm, n_samples=1,
                      params=SamplingParams(temperature=0.0, max_tokens=256), concurrency=self.concurrency,
                      seed=self.seed, format_failure_score=0.0, failure_score=0.0, progress=False)
@@ -106,17 +106,15 @@ def gepa_search(program: Program, train: Sequence[Example], dev: Sequence[Exampl
     import gepa
 
     adapter = ProgramAdapter(program, metric, lm, concurrency=concurrency, seed=seed)
-    base = program.prompt_state()
-    seed_candidate = {name: s["instruction"] for name, s in base.items()}
+    seed_candidate = {name: s["instruction"] for name, s in program.prompt_state().items()}
     reflector = ReflectionLM(reflection_lm or lm, seed=seed)
     log = _Log()
     res = gepa.optimize(seed_candidate=seed_candidate, trainset=list(train), valset=list(dev), adapter=adapter,
                         reflection_lm=reflector, max_metric_calls=max_metric_calls,
                         reflection_minibatch_size=minibatch, seed=seed, logger=log,
                         display_progress_bar=progress, raise_on_exception=True)
-    best = res.best_candidate
-    state = {name: {**s, "instruction": best[name]} for name, s in base.items()}
-    program.load_prompt_state(state)
+    adapter.load(res.best_candidate)
+    state = program.prompt_state()
     trials = [{"index": i, "instructions": c, "score": s, "parents": p}
               for i, (c, s, p) in enumerate(zip(res.candidates, res.val_aggregate_scores, res.parents))]
     return SearchResult(best=state, best_score=res.val_aggregate_scores[res.best_idx], trials=trials,

@@ -17,7 +17,7 @@ from typing import Sequence
 from ..lm.base import LM, SamplingParams, using
 from ..program import Example, Metric, Module, ParseError, Program
 from ..rollout import evaluate
-from .bootstrap import SearchResult, bootstrap_pool
+from .bootstrap import SearchResult, as_demo, bootstrap_pool
 
 TIPS = ("", "Be concise.", "Name the step's goal first, then how to reach it.", "Mention the most common mistake.",
         "Write it for a careful beginner.", "Be specific about the output format.")
@@ -48,7 +48,7 @@ class Candidates:
 
 
 def _show(d: dict) -> str:
-    return "\n".join(f"{k}: {v}" for k, v in d.items() if k != "_example")
+    return "\n".join(f"{k}: {v}" for k, v in as_demo(d).items())
 
 
 def _clean(text: str) -> str:
@@ -121,7 +121,7 @@ def demo_sets(program: Program, pool: dict[str, list[dict]], n: int, max_demos: 
             taken = {_key(d, mod.inputs) for d in pick}
             rest = [d for d in lab if _key(d, mod.inputs) not in taken]
             pick += rng.sample(rest, min(max_demos, len(rest)))
-            sets.append(list(mod.demos) + [{f: v for f, v in d.items() if f != "_example"} for d in pick])
+            sets.append(list(mod.demos) + [as_demo(d) for d in pick])
         out[name] = sets
     return out
 
