@@ -1,7 +1,10 @@
-"""Rollout throughput on the embedded model: 1, 8 and 32 concurrent programs vs sequential.
+"""Rollout throughput on the embedded model: 1, 8 and 32 concurrent programs vs sequential,
+with deterministic batching (the default: a batch waits for every running program) and without
+(a batch starts after 50 ms).
 
-Prints trajectories/s and generated tokens/s for each concurrency, and the ratio against
-concurrency 1 measured in the same run. Usage: python benchmarks/rollout_throughput.py [--n 32]
+Prints trajectories/s and generated tokens/s for each setting, the ratio against concurrency 1
+and the cost of determinism (deterministic / timed throughput), measured in the same run.
+Usage: python benchmarks/rollout_throughput.py [--n 32]
 """
 from __future__ import annotations
 
@@ -31,15 +34,20 @@ def main():
     params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens)
     sample(prog, exs[:2], task.reward, lm, params=params, concurrency=2, progress=False)  # warm-up
     rows = []
-    for conc in (1, 8, 32):
-        before = lm.stats["generated_tokens"]
-        res = sample(prog, exs, task.reward, lm, params=params, concurrency=conc, progress=False, seed=conc)
-        toks = lm.stats["generated_tokens"] - before
-        rows.append((conc, len(exs) / res.seconds, toks / res.seconds, res.seconds))
-    base = rows[0][1]
-    print(f"{'concurrency':>11} {'traj/s':>8} {'gen tok/s':>10} {'seconds':>8} {'vs sequential':>14}")
-    for conc, tps, toks, secs in rows:
-        print(f"{conc:>11} {tps:>8.2f} {toks:>10.1f} {secs:>8.1f} {tps / base:>13.2f}x")
+    for deterministic in (True, False):
+        lm.deterministic = deterministic
+        for conc in (1, 8, 32):
+            before = lm.stats["generated_tokens"]
+            res = sample(prog, exs, task.reward, lm, params=params, concurrency=conc, progress=False, seed=conc)
+            toks = lm.stats["generated_tokens"] - before
+            rows.append((deterministic, conc, len(exs) / res.seconds, toks / res.seconds, res.seconds))
+    base = rows[0][2]
+    print(f"{'deterministic':>13} {'concurrency':>11} {'traj/s':>8} {'gen tok/s':>10} {'seconds':>8} {'vs sequential':>14}")
+    for det, conc, tps, toks, secs in rows:
+        print(f"{str(det):>13} {conc:>11} {tps:>8.2f} {toks:>10.1f} {secs:>8.1f} {tps / base:>13.2f}x")
+    by = {(det, conc): tps for det, conc, tps, _, _ in rows}
+    for conc in (8, 32):
+        print(f"deterministic / timed batching at concurrency {conc}: {by[True, conc] / by[False, conc]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Shared fixtures: the real embedded model, loaded once per test session."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from mmgrpo.lm.base import Completion, SamplingParams
@@ -28,3 +32,15 @@ class ScriptedLM:
 @pytest.fixture
 def scripted():
     return ScriptedLM
+
+
+@pytest.fixture
+def cpu_hog():
+    """Processes that keep every core busy for the length of a test (determinism under load)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

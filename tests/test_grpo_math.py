@@ -153,3 +153,38 @@ def test_gradient_matches_finite_differences_on_a_tiny_model():
         down = f().item()
     assert analytic == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-9)
     assert abs(analytic) > 1e-6
+
+
+def test_error_trajectories_join_no_group_and_are_counted(trajs):
+    trajs[1].status, trajs[1].reward = "error", 0.0  # e.g. the judge timed out: not the model's doing
+    g = group_calls({"ex": trajs}, "truncate")
+    assert all(m.trajectory != 1 for m in g.members)
+    assert keyed(g) == {("answer", 0): [0, 2], ("query", 0): [0, 2, 3]}
+    everything_failed = [traj(i, 0.0, ["a"], status="error") for i in range(3)]
+    g2 = group_calls({"ex": trajs[:1] + trajs[2:3], "dead": everything_failed})
+    assert g2.skipped["errors"] == 1  # the example whose rollouts all failed
+    pair = [traj(0, 1.0, ["a"]), traj(1, 0.0, ["a"], status="error")]
+    assert group_calls({"ex": pair}).skipped["errors"] == 1  # one left: too small because of the error
+
+
+def test_parse_failures_stay_in_their_groups(trajs):
+    g = group_calls({"ex": trajs}, "truncate")
+    assert 3 in keyed(g)[("query", 0)]  # trajectory 3 failed to parse: that teaches the format
+
+
+def test_truncate_counts_the_invocations_it_drops(trajs):
+    g = group_calls({"ex": trajs}, "truncate")
+    assert g.skipped["truncated"] == 2  # query indices 1 and 2, which not every rollout reached
+    assert g.counts()["groups_skipped_truncated"] == 2
+
+
+def test_trajectory_level_baseline_is_the_mean_over_trajectories():
+    # rewards 1, 0, 0.5, -1 with 4, 3, 2, 1 calls: the baseline is 0.125, not the call-weighted 0.4
+    ts = [traj(i, r, ["m"] * n) for i, (r, n) in enumerate([(1.0, 4), (0.0, 3), (0.5, 2), (-1.0, 1)])]
+    g = group_calls({"ex": ts}, level="trajectory")
+    compute_advantages(g, scale_rewards=False)
+    adv = {m.trajectory: m.advantage for m in g.members}
+    assert adv == pytest.approx({0: 0.875, 1: -0.125, 2: 0.375, 3: -1.125})
+    compute_advantages(g, scale_rewards=True, eps=0.0)
+    std = math.sqrt(sum((r - 0.125) ** 2 for r in (1, 0, 0.5, -1)) / 4)
+    assert g.members[0].advantage == pytest.approx(0.875 / std)

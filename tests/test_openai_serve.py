@@ -112,6 +112,7 @@ def test_pupa_counts_splits_and_metric_hand_checked(scripted):
     assert [e.id for e in get_task("papillon").test] == [e.id for e in task.test]
     assert leakage("send to Ana Diaz at ana@x.org", ["ana diaz", "ana@x.org", "Madrid"]) == pytest.approx(2 / 3)
     assert parse_verdict("B.") == "B" and parse_verdict("I think T") == "T" and parse_verdict("dunno") is None
+    assert parse_verdict("It is a tie") == "T" and parse_verdict("**A**") == "A"  # 'a' is an article, not A
     ex = Example("e", {"user_query": "q"}, {"target_response": "ref", "pii_units": ["Ana", "Madrid"]})
     pred = Prediction(response="r", request="help Ana")
     assert make_metric(scripted(lambda m: "A"))(ex, pred) == pytest.approx((1 + 0.5) / 2)

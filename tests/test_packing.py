@@ -10,6 +10,7 @@ from mmgrpo.grpo.config import TrainConfig
 from mmgrpo.grpo.loss import grpo_loss, sequence_coefficients
 from mmgrpo.grpo.packing import pack, plan_packed
 from mmgrpo.grpo.trainer import Trainer
+from mmgrpo.lm.base import SamplingParams
 from mmgrpo.lm.hf import HFBackend
 
 
@@ -34,9 +35,10 @@ def test_pack_mask_positions_and_predictors():
     assert pk.rows.tolist() == [0, 0, 1] and pk.cols.tolist() == [0, 1, 1] and pk.T == 2
 
 
-@pytest.fixture(scope="module")
-def trainers():
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def trainers(request):
     lm = HFBackend.load()
+    lm.model.set_attn_implementation(request.param)  # eager adds the mask to the scores: must be 0/-inf
     packed = Trainer(lm, TrainConfig(shared_prefix=True, pack_tokens=256, seed=5))
     torch.manual_seed(0)
     with torch.no_grad():  # a non-zero adapter, so gradients reach both LoRA matrices
@@ -76,3 +78,29 @@ def test_shared_prefix_gives_the_same_loss_and_gradients_as_padding(trainers):
     num = sum(float((a - b).norm() ** 2) for a, b in zip(packed_grads, plain_grads)) ** 0.5
     den = sum(float(b.norm() ** 2) for b in plain_grads) ** 0.5
     assert den > 0 and num / den < 1e-3, (num, den)
+
+
+def test_attention_without_a_block_mask_is_refused_with_a_clear_error():
+    lm = HFBackend.load()
+    lm.model.config._attn_implementation = "flash_attention_2"  # as a GPU user might load it
+    with pytest.raises(ValueError, match="shared_prefix = true needs 'sdpa' or 'eager' attention"):
+        Trainer(lm, TrainConfig(shared_prefix=True))
+
+
+def test_the_frozen_view_is_the_base_model_whatever_the_adapter(trainers):
+    lm, trainer = trainers  # its adapter is non-zero
+    p = lm.tokenize_chat([{"role": "user", "content": "Name a color."}])
+    g = SamplingParams(temperature=0.0, max_tokens=8)
+    policy = lm.complete(p, g)
+    judge = lm.frozen().complete(p, g)
+
+    def forward_logprobs(ids):  # a plain forward pass over prompt + reply
+        with torch.no_grad():
+            logits = trainer.model(input_ids=torch.tensor([p + ids])).logits[0, len(p) - 1:-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids)[:, None])[:, 0].tolist()
+
+    with trainer.model.disable_adapter():
+        assert judge.logprobs == pytest.approx(forward_logprobs(judge.token_ids), abs=2e-3)
+    assert policy.logprobs == pytest.approx(forward_logprobs(policy.token_ids), abs=2e-3)
+    with trainer.model.disable_adapter():
+        assert policy.logprobs != pytest.approx(forward_logprobs(policy.token_ids), abs=1e-2)

@@ -1,9 +1,11 @@
 """The run folder: atomic writes, torn log lines, resume truncation, summary output."""
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 from mmgrpo.grpo.run import print_summary
+from mmgrpo.grpo.trainer import _publish, recover
 from mmgrpo.runlog import RunDir, atomic_write, format_table
 
 
@@ -33,10 +35,29 @@ def test_format_table_aligns_columns():
 def test_print_summary_shows_every_step_and_the_dev_change(tmp_path, capsys):
     run = RunDir(tmp_path)
     run.log({"step": 1, "reward_mean": 0.25, "n_ok": 7, "n_parse_failure": 1, "n_error": 0, "groups_used": 3,
-             "groups_skipped_equal_rewards": 2, "loss": 0.1, "rollout_s": 1.0, "update_s": 2.0, "dev": 0.5})
+             "groups_skipped_equal_rewards": 2, "updated": True, "grad_norm": 0.75, "mismatch_mean": 0.0012,
+             "rollout_s": 1.0, "update_s": 2.0, "dev": 0.5})
     job = SimpleNamespace(run=run, cfg=SimpleNamespace(task="toy", model="m"))
     print_summary(job, {"baseline_dev": 0.4, "baseline_ci95": 0.1, "final_dev": 0.5, "final_ci95": 0.1,
                         "dev_n": 10, "best_dev": 0.5, "best_step": 1})
     out = capsys.readouterr().out
-    assert "1     0.250   7   1           0      3       2" in out
+    assert "1     0.250   7   1           0      3       2        0.750      0.0012" in out
     assert "baseline 0.400 ± 0.100 -> trained 0.500 ± 0.100" in out
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    folders = {RunDir.new(tmp_path, "demo").path for _ in range(3)}
+    assert len(folders) == 3 and all(p.is_dir() for p in folders)
+
+
+def test_a_publish_cut_between_its_renames_is_recovered(tmp_path):
+    best = tmp_path / "best_adapter"
+    for content in ("old", "new"):
+        tmp = tmp_path / ".best_adapter.tmp"
+        tmp.mkdir()
+        (tmp / "w").write_text(content)
+        _publish(tmp, best)
+    assert (best / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best_adapter"]
+    os.replace(best, tmp_path / ".best_adapter.old")  # as if killed after moving the old one aside
+    recover(best)
+    assert (best / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best_adapter"]

@@ -78,7 +78,7 @@ def cmd_serve(args) -> int:
     from .lm.hf import HFBackend
     from .serve import start
 
-    backend = HFBackend.load(args.model)
+    backend = HFBackend.load(args.model, deterministic=False)  # a server batches by arrival time
     srv = start(backend, args.host, args.port, model_name=args.model)
     print(f"serving {args.model} at http://{srv.server_address[0]}:{srv.server_address[1]}/v1 (Ctrl-C to stop)")
     try:
@@ -127,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_serve)
 
     args = p.parse_args(argv)
+    from .grpo.run import TrainingStopped
+
     try:
         return args.fn(args)
+    except TrainingStopped as exc:
+        print(f"mmgrpo: stopped: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, KeyError, FileNotFoundError) as exc:
         print(f"mmgrpo: error: {exc}", file=sys.stderr)
         return 2

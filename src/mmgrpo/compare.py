@@ -25,7 +25,7 @@ ARMS = (("baseline", ""), ("prompts", "prompts"), ("weights", "weights"), ("prom
 # banking77 starts zero-shot, as in the paper (10 intents, label only); add --set task_options.n_demos=5 for
 # the warm start of the README's demo, which already has the demos a prompt optimizer would add
 _BANKING77 = {"task_options": {"n_labels": 10, "n_demos": 0, "reasoning": False, "valid_label_credit": 0.1},
-              "steps": 12, "batch_examples": 8, "group_size": 8, "temperature": 0.8, "max_tokens": 16,
+              "steps": 12, "batch_examples": 8, "group_size": 8, "temperature": 0.8, "max_tokens": 24,
               "learning_rate": 1e-4, "eval_every": 4, "eval_examples": 60, "checkpoint_every": 4}
 PRESETS = {  # budgets sized for a 2-core CPU and the embedded model; banking77's measured < 30 min
     "banking77": {**_BANKING77, "prompt_trials": 10, "prompt_minibatch": 20, "prompt_train_examples": 50},

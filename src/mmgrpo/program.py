@@ -125,14 +125,14 @@ class Module:
         traj = trace.current()
         if traj is not None:
             params = params.with_(seed=traj.next_seed())
-        if self.max_tokens is not None:
-            params = params.with_(max_tokens=self.max_tokens)
+        if self.max_tokens is not None:  # the module's own cap, within the run's budget
+            params = params.with_(max_tokens=min(self.max_tokens, params.max_tokens))
         messages = self.render(inputs)
         out = lm.chat(messages, params)
         call = trace.record(trace.ModuleCall(
             module=self.name, index=0, prompt_ids=out.prompt_ids, completion_ids=out.token_ids,
             logprobs=out.logprobs, text=out.text, prompt_version=self.version(), messages=messages,
-            inputs=dict(inputs), policy_version=getattr(lm, "version", 0)))
+            inputs=dict(inputs), policy_version=getattr(lm, "version", 0), temperature=params.temperature))
         fields = self.parse(out.text)
         call.outputs = fields
         return Prediction(fields)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import math
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -86,22 +87,37 @@ def sample(program: Program, examples: Sequence[Example], metric: Metric, lm: LM
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     jobs = [(ex, Trajectory(example_id=ex.id, sample_index=s, seed=trajectory_seed(seed, ex.id, s)))
             for ex in examples for s in range(n_samples)]
-    clients = getattr(lm, "clients", None)
-
-    def work(job):
-        ex, traj = job
-        with (clients(1) if clients else nullcontext()), using(lm, params):
-            return run_one(program, ex, metric, traj, format_failure_score, failure_score)
-
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=desc, disable=(None if progress is None else not progress), leave=False)
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = [pool.submit(contextvars.copy_context().run, work, job) for job in jobs]
-        for fut in futures:
-            fut.add_done_callback(lambda _: bar.update(1))
-        trajs = [f.result() for f in futures]
+    n_workers = max(1, min(concurrency, len(jobs)))
+    trajs: list[Trajectory | None] = [None] * len(jobs)
+    next_job = iter(range(len(jobs)))
+    take = threading.Lock()
+    clients = getattr(lm, "clients", None)
+    # every worker is declared before any starts and leaves only when no job is left, so a
+    # deterministic backend's batches hold one request of every trajectory in flight
+    with (clients(n_workers) if clients else nullcontext()) as slots:
+        def worker():
+            try:
+                while True:
+                    with take:
+                        k = next(next_job, None)
+                    if k is None:
+                        return
+                    ex, traj = jobs[k]
+                    with using(lm, params):
+                        trajs[k] = run_one(program, ex, metric, traj, format_failure_score, failure_score)
+                    bar.update(1)
+            finally:
+                if slots is not None:
+                    slots.leave()
+
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            futures = [pool.submit(contextvars.copy_context().run, worker) for _ in range(n_workers)]
+            for fut in futures:
+                fut.result()
     bar.close()
     counts = {OK: 0, PARSE_FAILURE: 0, ERROR: 0}
     for t in trajs:

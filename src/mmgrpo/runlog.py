@@ -51,7 +51,17 @@ class RunDir:
 
     @classmethod
     def new(cls, root: str | Path, name: str) -> "RunDir":
-        return cls(Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        """A fresh folder: two runs started in the same second get -2, -3, ... (mkdir is atomic)."""
+        base = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 10_000):
+            path = base if k == 1 else base.with_name(f"{base.name}-{k}")
+            try:
+                path.mkdir()
+                return cls(path)
+            except FileExistsError:
+                continue
+        raise RuntimeError(f"no free run folder name under {base}")
 
     def write_json(self, name: str, obj: Any) -> Path:
         write_json(self.path / name, obj)

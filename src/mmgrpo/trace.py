@@ -28,6 +28,7 @@ class ModuleCall:
     inputs: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] | None = None  # None when the reply did not parse
     policy_version: int = 0
+    temperature: float = 1.0  # of the sampler; the learner divides its logits by it (0: greedy)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,17 +68,28 @@ class TrainConfig:
     group_size: int = 8
     """Rollouts of the whole program per example (G)."""
     temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
+    """Sampling temperature of the rollouts; the update's log-probs are of logits / temperature,
+    the distribution the tokens were drawn from."""
     top_p: float = 1.0
-    """Nucleus sampling of the rollouts."""
+    """Nucleus sampling of the rollouts. The recorded and trained log-probs are of the full
+    tempered distribution (lm/base.py), so below 1 they differ from the truncated sampler's:
+    keep 1 for an exact policy gradient; the gap shows as mismatch_mean."""
     max_tokens: int = 64
-    """Completion token budget of each LM call (a module's own max_tokens wins)."""
+    """Completion token budget of each LM call; a module's own max_tokens may only lower it."""
     concurrency: int = 32
     """Programs run at once during rollouts (their LM calls are batched together)."""
     format_failure_score: float = -1.0
     """Reward of a trajectory whose LM reply did not parse."""
     failure_score: float = 0.0
-    """Reward of a trajectory that raised any other error."""
+    """Score of a trajectory that raised any other error, in evaluation. In training such a
+    trajectory joins no group (an outage is not a bad answer) and is counted in n_error."""
+    max_error_rate: float = 0.5
+    """A step whose fraction of error rollouts is above this stops the run (resumable) before
+    anything is trained on it, with the most common error in the message."""
+    deterministic: bool = True
+    """Rollout batches hold one request of every running program, in a fixed order, so the
+    sampled tokens do not depend on timing: on CPU the same seed gives the same run even on a
+    busy machine. False starts a batch after 50 ms without waiting for every program."""
 
     # --- grouping and advantages --------------------------------------------------------
     grouping: str = "truncate"
@@ -170,6 +182,7 @@ class TrainConfig:
         need(self.token_budget >= 64, "token_budget", "must be >= 64")
         need(64 <= self.pack_tokens <= 8192, "pack_tokens", "must be between 64 and 8192")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
+        need(0 <= self.max_error_rate <= 1, "max_error_rate", "must be in [0, 1]")
         need(self.train_with_demos or self.tis_cap is None, "tis_cap",
              "needs train_with_demos = true (the sampler's log-probs are of the prompts with demos)")
         need(self.prompt_optimizer in ("bootstrap", "mipro", "gepa"), "prompt_optimizer",
@@ -229,9 +242,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), defaults: di
             raise FileNotFoundError(f"config file {p} does not exist")
         text = p.read_text()
         if p.suffix == ".toml":
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ImportError:  # Python 3.10
+            else:  # Python 3.10: the tomli backport, a dependency there (pyproject.toml)
                 import tomli as tomllib
             loaded = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):

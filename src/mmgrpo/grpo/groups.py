@@ -2,6 +2,8 @@
 
 A group is the calls that share (example, module, invocation index); each member carries
 its trajectory's reward, and its advantage is relative to the other members of its group.
+Trajectories with status ``error`` (an exception, a dead judge, a crashing metric) are not the
+model's doing and join no group; parse failures are, and keep their score.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..trace import ModuleCall, Trajectory
+from ..trace import ERROR, ModuleCall, Trajectory
 
 MODES = ("truncate", "fill", "ragged")
 LEVELS = ("module", "trajectory")
@@ -47,14 +49,17 @@ class Grouping:
                 **{f"groups_skipped_{k}": v for k, v in sorted(self.skipped.items())}}
 
 
-def _module_groups(example_id: str, trajs: Sequence[Trajectory], mode: str) -> list[Group]:
-    modules = sorted({c.module for t in trajs for c in t.calls})
+def _module_groups(example_id: str, trajs: Sequence[tuple[int, Trajectory]], mode: str,
+                   skipped: Counter) -> list[Group]:
+    modules = sorted({c.module for _, t in trajs for c in t.calls})
     out = []
     for mod in modules:
-        per = [(ti, t.calls_of(mod), t.reward) for ti, t in enumerate(trajs)]
+        per = [(ti, t.calls_of(mod), t.reward) for ti, t in trajs]
         per = [p for p in per if p[1]]  # a trajectory that never reached the module has nothing to train
         lengths = [len(calls) for _, calls, _ in per]
         n_idx = min(lengths) if mode == "truncate" else max(lengths)
+        if mode == "truncate" and max(lengths) > n_idx:  # later invocations some rollouts never reached
+            skipped["truncated"] += max(lengths) - n_idx
         for i in range(n_idx):
             members = []
             for ti, calls, reward in per:
@@ -74,18 +79,20 @@ def group_calls(by_example: dict[str, Sequence[Trajectory]], mode: str = "trunca
     if level not in LEVELS:
         raise ValueError(f"unknown grouping level {level!r}; use one of {LEVELS}")
     result = Grouping()
-    for ex_id, trajs in by_example.items():
+    for ex_id, all_trajs in by_example.items():
+        trajs = [(ti, t) for ti, t in enumerate(all_trajs) if t.status != ERROR]
+        lost = len(trajs) < len(all_trajs)
         if level == "module":
-            candidates = _module_groups(ex_id, trajs, mode)
+            candidates = _module_groups(ex_id, trajs, mode, result.skipped)
         else:
-            members = [Member(c, t.reward, ti) for ti, t in enumerate(trajs) for c in t.calls]
+            members = [Member(c, t.reward, ti) for ti, t in trajs for c in t.calls]
             candidates = [Group(ex_id, "*", -1, members)] if members else []
-        if not candidates and trajs:
-            result.skipped["no_calls"] += 1
+        if not candidates and all_trajs:
+            result.skipped["errors" if lost and not trajs else "no_calls"] += 1
         for g in candidates:
             rewards = [m.reward for m in g.members]
             if len({m.trajectory for m in g.members}) < min_size:
-                result.skipped["too_small"] += 1
+                result.skipped["errors" if lost else "too_small"] += 1
             elif max(rewards) - min(rewards) < 1e-12:
                 result.skipped["equal_rewards"] += 1
             else:
@@ -94,9 +101,12 @@ def group_calls(by_example: dict[str, Sequence[Trajectory]], mode: str = "trunca
 
 
 def compute_advantages(grouping: Grouping, scale_rewards: bool = True, eps: float = 1e-4) -> None:
-    """Advantage = reward - group mean, divided by (group std + eps) when scale_rewards."""
+    """Advantage = reward - group mean, divided by (group std + eps) when scale_rewards.
+
+    Mean and std are over the group's trajectories, one reward each, however many calls a
+    trajectory has in the group (trajectory-level groups hold all of its calls)."""
     for g in grouping.groups:
-        rs = [m.reward for m in g.members]
+        rs = list({m.trajectory: m.reward for m in g.members}.values())
         mean = sum(rs) / len(rs)
         std = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
         for m in g.members:

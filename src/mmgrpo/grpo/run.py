@@ -11,9 +11,14 @@ from ..lm.base import SamplingParams
 from ..program import Example
 from ..rollout import evaluate, sample, trajectory_seed
 from ..runlog import RunDir, format_table
+from ..trace import ERROR
 from .config import TrainConfig
 from .groups import assign_weights, compute_advantages, group_calls
-from .trainer import Trainer, write_latest
+from .trainer import Trainer, recover, write_latest
+
+
+class TrainingStopped(RuntimeError):
+    """A step that must not be trained on (too many errors): the run stops, resumable."""
 
 
 def batch_for_step(train: list[Example], step: int, size: int, seed: int) -> list[Example]:
@@ -57,11 +62,20 @@ class MMGRPO:
                       concurrency=cfg.concurrency, seed=trajectory_seed(cfg.seed, "step", step),
                       format_failure_score=cfg.format_failure_score, failure_score=cfg.failure_score,
                       progress=False)
+        errors = [t.error for t in roll.trajectories if t.status == ERROR]
+        if len(errors) > cfg.max_error_rate * len(roll.trajectories):
+            first = max(set(e.splitlines()[0] for e in errors), key=lambda e: sum(x.startswith(e) for x in errors))
+            raise TrainingStopped(
+                f"step {step}: {len(errors)} of {len(roll.trajectories)} rollouts failed with an error (more than "
+                f"max_error_rate = {cfg.max_error_rate}); nothing was trained on this step. Most common error: "
+                f"{first}. Fix the cause (a server down? a crashing metric?) and resume the run.")
         grouping = group_calls(roll.by_example(), cfg.grouping, cfg.group_level)
         compute_advantages(grouping, cfg.scale_rewards)
         assign_weights(grouping, cfg.per_trajectory_norm)
         upd = self.trainer.update(grouping) if grouping.groups else {"updated": False}
-        rewards = roll.rewards
+        self.trainer.finish_step()
+        # rewards of the trajectories trained on: an error's score is not the model's
+        rewards = [t.reward for t in roll.trajectories if t.status != ERROR] or [0.0]
         mean = sum(rewards) / len(rewards)
         return {"step": step, "reward_mean": mean,
                 "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
@@ -79,10 +93,16 @@ class MMGRPO:
             shutil.rmtree(old, ignore_errors=True)
 
     def resume(self) -> int:
+        """Load the newest checkpoint and forget log lines after it; 0 = start (logs cleared)."""
+        recover(self.run.path / "best_adapter")
         latest = self.run.path / "checkpoints" / "latest"
         if not latest.exists():
+            self.run.truncate_log(-1)
+            self.run.truncate_log(-1, "dev.jsonl")
             return 0
-        state = self.trainer.load(self.run.path / "checkpoints" / latest.read_text().strip())
+        name = latest.read_text().strip()
+        recover(self.run.path / "checkpoints" / name)
+        state = self.trainer.load(self.run.path / "checkpoints" / name)
         self.best = state["best"]
         self.run.truncate_log(state["step"])
         self.run.truncate_log(state["step"], "dev.jsonl")
@@ -114,7 +134,7 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
         run = RunDir(path) if path else RunDir.new(cfg.out, cfg.name)
     task = get_task(cfg.task, **cfg.task_options)
     program = _load_program(cfg, task)
-    backend = HFBackend.load(cfg.model, max_batch=max(cfg.concurrency, 1))
+    backend = HFBackend.load(cfg.model, max_batch=max(cfg.concurrency, 1), deterministic=cfg.deterministic)
     if not resume:
         run.write_json("config.json", {"config": cfg.to_dict(), "task_settings": task.settings,
                                        "command": sys.argv, "prompts": program.prompt_state()})
@@ -132,7 +152,15 @@ def fit(job: MMGRPO) -> dict:
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="mmGRPO", initial=start, total=cfg.steps,
                disable=not cfg.progress)
     for step in bar:
-        rec = job.train_step(step)
+        try:
+            rec = job.train_step(step)
+        except TrainingStopped as exc:
+            if step > 1 and (step - 1) % cfg.checkpoint_every:  # keep every finished step
+                job.checkpoint(step - 1)
+            bar.close()
+            done = f"steps 1-{step - 1} are saved" if step > 1 else "no step had finished"
+            raise TrainingStopped(f"{exc} {done.capitalize()}; continue with "
+                                  f"`mmgrpo train ... --resume {job.run.path}`.") from exc
         if step % cfg.eval_every == 0 or step == cfg.steps:
             rec.update({k: v for k, v in job.evaluate(step).items() if k != "step"})
         job.run.log(rec)
@@ -156,13 +184,15 @@ def print_summary(job: MMGRPO, summary: dict) -> None:
     rows = []
     for r in job.run.read_log():
         skipped = sum(v for k, v in r.items() if k.startswith("groups_skipped"))
+        upd = r.get("updated")
         rows.append((r["step"], f"{r['reward_mean']:.3f}", r.get("n_ok", 0), r.get("n_parse_failure", 0),
-                     r.get("n_error", 0), r["groups_used"], skipped, f"{r.get('loss', 0.0):.4f}",
+                     r.get("n_error", 0), r["groups_used"], skipped,
+                     f"{r['grad_norm']:.3f}" if upd else "-", f"{r['mismatch_mean']:.4f}" if upd else "-",
                      f"{r['rollout_s']:.1f}", f"{r.get('update_s', 0.0):.1f}",
                      f"{r['dev']:.3f}" if "dev" in r else ""))
     print(f"\nmmGRPO on {job.cfg.task} ({job.cfg.model}), run folder: {job.run.path}")
-    print(format_table(rows, ("step", "reward", "ok", "parse_fail", "error", "groups", "skipped", "loss",
-                              "rollout s", "update s", "dev")))
+    print(format_table(rows, ("step", "reward", "ok", "parse_fail", "error", "groups", "skipped", "grad norm",
+                              "mismatch", "rollout s", "update s", "dev")))
     b, f = summary["baseline_dev"], summary["final_dev"]
     if b is not None and f is not None:
         print(f"\ndev score (n={summary['dev_n']}, 95% CI): baseline {b:.3f} ± {summary['baseline_ci95']:.3f} "

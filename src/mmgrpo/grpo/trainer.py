@@ -1,7 +1,9 @@
 """One LoRA adapter shared by every module, updated with the GRPO objective.
 
 The adapter is injected into the backend's own model, so the backend samples with the new
-weights as soon as ``update`` returns: no sync. Checkpoints are safetensors + JSON, atomic.
+weights as soon as ``update`` returns: no sync. Log-probs are of logits / T, T being the
+temperature each call was sampled at (the convention of lm/base.py). Checkpoints are
+safetensors + JSON, atomic. ``step`` counts loop steps, with or without an update.
 """
 from __future__ import annotations
 
@@ -54,7 +56,13 @@ class Trainer:
                           target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
         with backend.lock:
             self.model = get_peft_model(backend.model, lora)  # injects into backend.model in place
+            backend.adapter_off = self.model.disable_adapter  # the backend's frozen view
             backend.weights_changed()
+        attn = getattr(self.model.config, "_attn_implementation", "sdpa")
+        if cfg.shared_prefix and attn not in ("sdpa", "eager"):
+            raise ValueError(f"shared_prefix = true needs 'sdpa' or 'eager' attention (a block mask); the model "
+                             f"uses {attn!r}: set shared_prefix = false or load the model with sdpa")
+        self.attn = attn
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
@@ -81,21 +89,32 @@ class Trainer:
             return plan_packed(seqs, self.cfg.pack_tokens)
         return self._micro_batches(seqs)
 
-    def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) completion log-probs, right-aligned, and their mask: packed or padded."""
-        return self.packed_logprobs(seqs) if self.cfg.shared_prefix else self.completion_logprobs(seqs)
+    def logprobs(self, seqs: list[tuple[list[int], list[int]]],
+                 temps: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) completion log-probs of logits / temps (one per sequence; None = 1), right-aligned,
+        and their mask: packed or padded."""
+        t = torch.tensor([x if x > 0 else 1.0 for x in temps] if temps else [1.0] * len(seqs))
+        t = t.to(self.backend.device)
+        return self.packed_logprobs(seqs, t) if self.cfg.shared_prefix else self.completion_logprobs(seqs, t)
 
-    def packed_logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def packed_logprobs(self, seqs: list[tuple[list[int], list[int]]],
+                        temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One packed row: each distinct prompt once, its completions after it (see packing.py)."""
         pk = pack(seqs)
         dev = self.backend.device
+        allow = pk.allow.to(dev)
+        if self.attn == "eager":  # eager adds the mask to the scores: it must be 0 / -inf, not boolean
+            allow = torch.zeros(allow.shape, dtype=self.model.dtype, device=dev).masked_fill(
+                ~allow, torch.finfo(self.model.dtype).min)
         out = self.model(input_ids=pk.ids.to(dev), position_ids=pk.positions.to(dev),
-                         attention_mask=pk.allow.to(dev), logits_to_keep=pk.predictors.to(dev), use_cache=False)
-        flat = token_logprobs(out.logits[0], pk.targets.to(dev))
+                         attention_mask=allow, logits_to_keep=pk.predictors.to(dev), use_cache=False)
+        rows = pk.rows.to(dev)
+        flat = token_logprobs(out.logits[0] / temps[rows].unsqueeze(-1), pk.targets.to(dev))
         logp, mask = unpack(flat, pk, len(seqs))
         return logp, mask.to(dev)
 
-    def completion_logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def completion_logprobs(self, seqs: list[tuple[list[int], list[int]]],
+                            temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of each completion token given its prompt; rows left-padded so that
         every completion ends at the last column and only the completion logits are made."""
         B = len(seqs)
@@ -116,30 +135,35 @@ class Trainer:
         dev = self.backend.device
         out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
                          logits_to_keep=T + 1, use_cache=False)
-        logits = out.logits[:, -(T + 1):-1]  # position t predicts token t+1
+        logits = out.logits[:, -(T + 1):-1] / temps.view(-1, 1, 1)  # position t predicts token t+1
         return token_logprobs(logits, targets.to(dev)), mask.to(dev)
 
     # ---- update -------------------------------------------------------------------------
     def update(self, grouping: Grouping) -> dict:
+        """One optimizer step (num_iterations of them) on the grouping's members; ``finish_step``
+        closes the loop step whether or not this ran."""
         cfg = self.cfg
         members = grouping.members
         if not members:
             return {"updated": False}
         t0 = time.perf_counter()
+        dev = self.backend.device
         lengths = [len(m.call.completion_ids) for m in members]
         coefs = sequence_coefficients(lengths, [m.weight for m in members], cfg.loss_type, max_len=cfg.max_tokens)
         all_seqs = [(update_prompt(m.call, self.backend.tokenize_chat, cfg.train_with_demos), m.call.completion_ids)
                     for m in members]
+        temps = [m.call.temperature for m in members]
         batches = self.plan(all_seqs)
         old: dict[int, torch.Tensor] = {}
-        stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
+        stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0,
+                 "ratio_dev": 0.0, "tis_sum": 0.0}
         self.model.train()
         with self.backend.lock:
             for it in range(cfg.num_iterations):
                 self.opt.zero_grad(set_to_none=True)
                 for mb in batches:
                     seqs = [all_seqs[i] for i in mb]
-                    logp, mask = self.logprobs(seqs)
+                    logp, mask = self.logprobs(seqs, [temps[i] for i in mb])
                     T = logp.shape[1]
                     sampler = torch.zeros_like(logp)
                     for j, i in enumerate(mb):
@@ -155,33 +179,42 @@ class Trainer:
                     ref = None
                     if cfg.beta:
                         with torch.no_grad(), self.model.disable_adapter():
-                            ref, _ = self.logprobs(seqs)
+                            ref, _ = self.logprobs(seqs, [temps[i] for i in mb])
                     isw = None
                     if cfg.tis_cap is not None:
                         isw = torch.clamp(torch.exp(old_lp - sampler), max=cfg.tis_cap).detach()
-                    out = grpo_loss(logp, old_lp, torch.tensor([members[i].advantage for i in mb]), mask,
-                                    torch.tensor([coefs[i] for i in mb]), cfg.epsilon, cfg.epsilon_high,
-                                    cfg.beta, ref, isw)
+                    out = grpo_loss(logp, old_lp, torch.tensor([members[i].advantage for i in mb], device=dev),
+                                    mask, torch.tensor([coefs[i] for i in mb], device=dev), cfg.epsilon,
+                                    cfg.epsilon_high, cfg.beta, ref, isw)
                     out.loss.backward()
                     if it == cfg.num_iterations - 1:
                         stats["loss"] += float(out.loss.detach())
                         stats["clipped"] += out.clipped_tokens
                         stats["kl"] += out.kl_sum
                         stats["tokens"] += out.tokens
+                        stats["ratio_dev"] += float(((logp.detach() - old_lp).exp() - 1).abs().mul(mask).sum())
+                        if isw is not None:
+                            stats["tis_sum"] += float((isw * mask).sum())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
                 self.opt.step()
-            self.sched.step()
-            self.step += 1
             self.backend.weights_changed()
         self.model.eval()
         n_tok = max(stats["tokens"], 1.0)
         mismatch = stats["mismatch_sum"] / n_tok
         return {"updated": True, "loss": stats["loss"], "clip_frac": stats["clipped"] / n_tok,
                 "kl": stats["kl"] / n_tok, "grad_norm": grad_norm, "lr": self.sched.get_last_lr()[0],
+                "ratio_dev": stats["ratio_dev"] / n_tok,
+                **({"tis_weight_mean": stats["tis_sum"] / n_tok} if cfg.tis_cap is not None else {}),
                 "train_tokens": int(stats["tokens"]), "micro_batches": len(batches),
                 "mismatch_mean": mismatch, "mismatch_max": stats["mismatch_max"],
                 "mismatch_warning": cfg.train_with_demos and mismatch > cfg.mismatch_tolerance,
                 "update_s": time.perf_counter() - t0}
+
+    def finish_step(self) -> None:
+        """Close a loop step: the schedule and the step count follow loop steps, so a step whose
+        groups all had equal rewards (no update) still counts, and resume lands where it left."""
+        self.sched.step()
+        self.step += 1
 
     # ---- checkpoints --------------------------------------------------------------------
     def save(self, folder: str | Path, extra: dict) -> Path:
@@ -243,13 +276,36 @@ class Trainer:
 
 
 def _publish(tmp: Path, folder: Path) -> None:
-    """fsync every file of a finished temp folder, then rename it into place."""
+    """fsync every file of a finished temp folder, then rename it into place. The old folder is
+    moved aside first and deleted last: a kill in between leaves it at ``.NAME.old``, which
+    ``recover`` puts back."""
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    aside = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
     if folder.exists():
-        shutil.rmtree(folder)
+        os.replace(folder, aside)
     os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover(folder: Path) -> None:
+    """Undo a publish cut short between its two renames; drop a half-written temp folder."""
+    aside = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and aside.exists():
+        os.replace(aside, folder)
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_latest(run_path: Path, name: str) -> None:

@@ -1,8 +1,13 @@
 """The one seam between programs and LM engines.
 
 A backend takes chat messages (or prompt token ids) and sampling settings and returns
-completions with their token ids and per-token log-probs (T=1, no top-p: the policy's own
-distribution, which is what the GRPO update recomputes).
+completions with their token ids and per-token log-probs.
+
+The log-prob convention, shared by every sampler and the learner: each sampled token's
+log-prob under softmax(logits / T), the distribution it was drawn from (T = 1 for greedy).
+Top-p draws from the nucleus but the recorded log-prob is the full tempered one, which is
+what the learner recomputes (logits / T); training defaults to top_p = 1, where the two agree
+exactly, and with top_p < 1 the gap shows in the step's mismatch metric.
 """
 from __future__ import annotations
 

@@ -2,16 +2,22 @@
 
 Program threads call ``chat``/``complete``; one worker thread gathers the waiting requests
 into a single left-padded batch and decodes them together with a KV cache. Each row samples
-with its own seeded generator, so a trajectory's tokens do not depend on who shared its batch.
-The trainer updates the same ``model`` object in place: no weight sync.
+with its own seeded generator. The trainer updates the same ``model`` object in place: no sync.
+
+Determinism. A row's floating-point result depends on which rows share its batch (padding,
+the shared prefix, the kernel's blocking), so with batches formed by arrival time a token can
+flip when the machine is busy. In deterministic mode (the default) a batch is launched only
+when every program thread declared with ``clients`` is waiting on this backend, and its rows
+are put in a fixed order: the batches are then a function of the programs alone, not of timing.
+Otherwise (``deterministic=False``, e.g. a server) a batch starts after ``max_wait_s``.
 """
 from __future__ import annotations
 
-import queue
+import os
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,15 +30,35 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     future: Future
+    base: bool = False  # served with the adapter switched off (see HFBackend.frozen)
+
+    def order(self) -> tuple:
+        p = self.params
+        return (self.base, p.seed is None, p.seed or 0, p.temperature, p.max_tokens, self.prompt_ids)
+
+
+class Clients:
+    """Handle of ``HFBackend.clients``: ``leave()`` gives back one declared thread early."""
+
+    def __init__(self, backend: "HFBackend", n: int):
+        self.backend, self.left = backend, n
+
+    def leave(self) -> None:
+        if self.left > 0:
+            self.left -= 1
+            self.backend._add_clients(-1)
 
 
 class HFBackend:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_wait_s: float = 0.05, device: str | None = None,
-                 prefix_cache_size: int = 4, prefill_chunk: int = 8):
+                 prefix_cache_size: int = 4, prefill_chunk: int = 8, deterministic: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.deterministic = deterministic
+        # set by the trainer when it injects an adapter: a context that switches it off
+        self.adapter_off = nullcontext
         self.device = device or next(model.parameters()).device
         self.lock = threading.RLock()  # held while generating; the trainer holds it to update
         self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefix_hits": 0}
@@ -41,10 +67,11 @@ class HFBackend:
         self.min_prefix = 16
         self.prefill_chunk = prefill_chunk
         self._prefix_cache: dict[tuple, list] = {}
-        self._queue: queue.Queue[_Request | None] = queue.Queue()  # None: close() asks the worker to stop
+        self._base = False
+        self._cv = threading.Condition()  # guards _pending, _active, _closed
+        self._pending: list[_Request] = []
         self._closed = False
-        self._active = 0  # program threads currently running (see `clients`)
-        self._active_lock = threading.Lock()
+        self._active = 0  # program threads declared at work (see `clients`)
         stop_ids = {tokenizer.eos_token_id}
         for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
             tid = tokenizer.convert_tokens_to_ids(tok)
@@ -72,71 +99,93 @@ class HFBackend:
     def chat(self, messages: list[dict], params: SamplingParams) -> Completion:
         return self.complete(self.tokenize_chat(messages), params)
 
-    def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+    def complete(self, prompt_ids: list[int], params: SamplingParams, base: bool = False) -> Completion:
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to complete")
-        if self._closed:
-            raise RuntimeError("this backend was closed; load a new one")
         fut: Future = Future()
-        self._queue.put(_Request(list(prompt_ids), params, fut))
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("this backend was closed; load a new one")
+            self._pending.append(_Request(list(prompt_ids), params, fut, base))
+            self._cv.notify_all()
         return fut.result()
+
+    def frozen(self) -> "FrozenView":
+        """The same model with the adapter switched off: a fixed LM (a judge, an outside LM)
+        that costs no second copy of the weights and batches with the policy's requests."""
+        return FrozenView(self)
 
     @contextmanager
     def clients(self, n: int = 1):
-        """Declare n program threads at work: the batcher waits for all of them to ask."""
-        with self._active_lock:
-            self._active += n
+        """Declare n program threads at work: a deterministic batch waits for all of them to ask.
+        Each thread that runs out of work calls ``leave()`` on the handle."""
+        handle = Clients(self, n)
+        self._add_clients(n)
         try:
-            yield
+            yield handle
         finally:
-            with self._active_lock:
-                self._active -= n
+            self._add_clients(-handle.left)
+            handle.left = 0
+
+    def _add_clients(self, n: int) -> None:
+        with self._cv:
+            self._active += n
+            self._cv.notify_all()
 
     # ---- batching -----------------------------------------------------------------------
     def close(self) -> None:
         """Stop the batching thread (it holds the model); later requests are an error."""
-        self._closed = True
-        self._queue.put(None)
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
         self._worker.join(timeout=30)
         self._prefix_cache.clear()
 
+    def _next_batch(self) -> list[_Request] | None:
+        """Wait for the next batch (None once closed and drained); see the module docstring."""
+        with self._cv:
+            first_seen = None
+            while True:
+                n = len(self._pending)
+                if not n and self._closed:
+                    return None
+                if n and (n >= self._active or self._closed):
+                    break  # everyone at work is waiting on us
+                if n and not self.deterministic:
+                    first_seen = first_seen or time.monotonic()
+                    left = first_seen + self.max_wait_s - time.monotonic()
+                    if n >= self.max_batch or left <= 0:
+                        break
+                    self._cv.wait(left)
+                else:
+                    self._cv.wait()
+            if self.deterministic:
+                self._pending.sort(key=_Request.order)
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            return batch
+
     def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                with self._active_lock:
-                    want = max(self._active, 1)
-                if len(batch) >= want:
-                    break
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
+        while (batch := self._next_batch()) is not None:
+            for base in (False, True):  # policy rows, then rows for the frozen base model
+                part = [r for r in batch if r.base == base]
+                if not part:
+                    continue
                 try:
-                    item = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    break
-                if item is None:  # close(): finish this batch first
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            try:
-                results = self.generate_batch([r.prompt_ids for r in batch], [r.params for r in batch])
-                for r, res in zip(batch, results):
-                    r.future.set_result(res)
-            except BaseException as exc:  # noqa: BLE001 - delivered to every waiting caller
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
+                    results = self.generate_batch([r.prompt_ids for r in part], [r.params for r in part], base=base)
+                    for r, res in zip(part, results):
+                        r.future.set_result(res)
+                except BaseException as exc:  # noqa: BLE001 - delivered to every waiting caller
+                    for r in part:
+                        if not r.future.done():
+                            r.future.set_exception(exc)
 
     @torch.no_grad()
-    def generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
-        with self.lock:
+    def generate_batch(self, prompts: list[list[int]], params: list[SamplingParams],
+                       base: bool = False) -> list[Completion]:
+        with self.lock, (self.adapter_off() if base else nullcontext()):
             was_training = self.model.training
             self.model.eval()
+            self._base = base  # part of the prefix-cache key
             try:
                 return self._decode(prompts, params)
             finally:
@@ -153,7 +202,7 @@ class HFBackend:
         """Per-layer (keys, values) of a shared prompt prefix, computed once and kept (LRU)."""
         from transformers import DynamicCache
 
-        key = tuple(prefix)
+        key = (self._base, tuple(prefix))
         if key in self._prefix_cache:
             self._prefix_cache[key] = self._prefix_cache.pop(key)  # most recent last
             self.stats["prefix_hits"] += 1
@@ -234,10 +283,12 @@ class HFBackend:
     def _decode(self, prompts, params) -> list[Completion]:
         B = len(prompts)
         gens = []
-        for i, p in enumerate(params):
-            g = torch.Generator(device="cpu")
-            g.manual_seed(p.seed if p.seed is not None else torch.seed() % (2**63))
+        for p in params:
+            g = torch.Generator(device="cpu")  # unseeded: fresh entropy, the global RNG untouched
+            g.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
             gens.append(g)
+        # log-probs under the distribution each token is drawn from: softmax(logits / T)
+        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
         max_new = max(p.max_tokens for p in params)
         logits, cache, mask, last_pos, col = self._prefill(prompts, max_new)
         toks: list[list[int]] = [[] for _ in range(B)]
@@ -246,10 +297,10 @@ class HFBackend:
         finish = ["length"] * B
         live = list(range(B))  # original row of each batch position; finished rows are dropped
         for step in range(max_new):
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = torch.log_softmax(logits / temps[live].unsqueeze(-1), dim=-1)
             nxt = torch.empty(len(live), dtype=torch.long)
             for j, i in enumerate(live):
-                nxt[j] = t = _sample(logits[j], params[i], gens[i])
+                nxt[j] = t = _sample(logp[j], params[i], gens[i])
                 toks[i].append(t)
                 lps[i].append(float(logp[j, t]))
                 if t in self.stop_ids:
@@ -292,10 +343,12 @@ class HFBackend:
         return results
 
 
-def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+def _sample(logp: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    """Draw from the tempered log-probs; top-p keeps the nucleus (the recorded log-prob stays
+    the full tempered one, which is what the trainer recomputes: see lm/base.py)."""
     if p.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / p.temperature, dim=-1)
+        return int(torch.argmax(logp))
+    probs = torch.exp(logp)
     if p.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = (sorted_p.cumsum(-1) - sorted_p) < p.top_p  # always keeps the top token
@@ -311,3 +364,18 @@ def _common_prefix_len(seqs: list[list[int]]) -> int:
         if any(s[j] != t for s in seqs):
             return j
     return n
+
+
+class FrozenView:
+    """``HFBackend.frozen()``: the base model, adapter off; requests share the policy's batcher."""
+
+    version = 0
+
+    def __init__(self, backend: HFBackend):
+        self.backend = backend
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Completion:
+        return self.backend.complete(self.backend.tokenize_chat(messages), params, base=True)
+
+    def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        return self.backend.complete(prompt_ids, params, base=True)
