@@ -14,14 +14,14 @@ from mmgrpo.grpo.trainer import update_prompt
 from mmgrpo.lm.base import SamplingParams, using
 from mmgrpo.tasks import get_task
 
-TINY = ["--set", "steps=1", "--set", "eval_every=1", "--set", "batch_examples=2", "--set", "group_size=4",
-        "--set", "eval_examples=4", "--set", "prompt_trials=2", "--set", "prompt_minibatch=3",
-        "--set", "prompt_train_examples=6", "--set", "prompt_instructions=2", "--set", "prompt_candidates=2",
-        "--set", "prompt_top_k=2", "--set", "progress=false", "--test-limit", "5"]
+TINY = ["--set", "run.steps=1", "--set", "run.eval_every=1", "--set", "rollout.batch_examples=2", "--set", "rollout.group_size=4",
+        "--set", "run.eval_examples=4", "--set", "prompts.trials=2", "--set", "prompts.minibatch=3",
+        "--set", "prompts.train_examples=6", "--set", "prompts.instructions=2", "--set", "prompts.candidates=2",
+        "--set", "prompts.top_k=2", "--set", "run.progress=false", "--test-limit", "5"]
 
 
 def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
-    assert main(["compare", "--task", "banking77", "--set", f"out={tmp_path}", *TINY]) == 0
+    assert main(["compare", "--task", "banking77", "--set", f"run.out={tmp_path}", *TINY]) == 0
     (root,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     out = capsys.readouterr().out
     for label in ("baseline", "prompts", "weights", "prompts -> weights"):
@@ -46,8 +46,8 @@ def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
     assert main(["compare", "--resume", str(root)]) == 0
     assert (root / "table.txt").read_text() == before
     # resuming with other settings is refused, naming the key
-    assert main(["compare", "--task", "banking77", "--resume", str(root), "--set", f"out={tmp_path}", *TINY,
-                 "--set", "steps=2"]) == 2
+    assert main(["compare", "--task", "banking77", "--resume", str(root), "--set", f"run.out={tmp_path}", *TINY,
+                 "--set", "run.steps=2"]) == 2
     assert "config keys ['steps']" in capsys.readouterr().err
 
 

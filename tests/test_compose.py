@@ -21,12 +21,12 @@ def test_parse_strategy():
 
 
 def test_prompts_then_weights_from_the_command_line(tmp_path, capsys):
-    code = main(["train", "--task", "banking77", "--set", f"out={tmp_path}", "--set", "strategy=prompts -> weights",
-                 "--set", "prompt_optimizer=bootstrap",
-                 "--set", "steps=1", "--set", "batch_examples=2", "--set", "group_size=4", "--set", "max_tokens=12",
-                 "--set", "eval_examples=6", "--set", "prompt_candidates=2", "--set", "prompt_train_examples=8",
-                 "--set", "task_options.n_labels=10", "--set", "task_options.n_demos=5",
-                 "--set", "task_options.reasoning=false", "--set", "progress=false"])
+    code = main(["train", "--task", "banking77", "--set", f"run.out={tmp_path}", "--set", "run.strategy=prompts -> weights",
+                 "--set", "prompts.optimizer=bootstrap",
+                 "--set", "run.steps=1", "--set", "rollout.batch_examples=2", "--set", "rollout.group_size=4", "--set", "rollout.max_tokens=12",
+                 "--set", "run.eval_examples=6", "--set", "prompts.candidates=2", "--set", "prompts.train_examples=8",
+                 "--set", "task.options.n_labels=10", "--set", "task.options.n_demos=5",
+                 "--set", "task.options.reasoning=false", "--set", "run.progress=false"])
     assert code == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     strategy = json.loads((run / "strategy.json").read_text())
@@ -41,5 +41,5 @@ def test_prompts_then_weights_from_the_command_line(tmp_path, capsys):
 
 
 def test_unknown_step_is_a_clear_cli_error(tmp_path, capsys):
-    assert main(["train", "--task", "banking77", "--set", "strategy=prompts -> magic", "--set", f"out={tmp_path}"]) == 2
+    assert main(["train", "--task", "banking77", "--set", "run.strategy=prompts -> magic", "--set", f"run.out={tmp_path}"]) == 2
     assert "unknown step(s) ['magic']" in capsys.readouterr().err

@@ -37,11 +37,11 @@ def test_print_summary_shows_every_step_and_the_dev_change(tmp_path, capsys):
     run.log({"step": 1, "reward_mean": 0.25, "n_ok": 7, "n_parse_failure": 1, "n_error": 0, "groups_used": 3,
              "groups_skipped_equal_rewards": 2, "updated": True, "grad_norm": 0.75, "mismatch_mean": 0.0012,
              "rollout_s": 1.0, "update_s": 2.0, "dev": 0.5})
-    job = SimpleNamespace(run=run, cfg=SimpleNamespace(task="toy", model="m"))
+    job = SimpleNamespace(run=run, cfg=SimpleNamespace(model="m"), task=SimpleNamespace(name="toy"))
     print_summary(job, {"baseline_dev": 0.4, "baseline_ci95": 0.1, "final_dev": 0.5, "final_ci95": 0.1,
                         "dev_n": 10, "best_dev": 0.5, "best_step": 1})
     out = capsys.readouterr().out
-    assert "1     0.250   7   1           0      3       2        0.750      0.0012" in out
+    assert "1     0.250   7   1           0      3       2        0.750      1.2e-03" in out
     assert "baseline 0.400 ± 0.100 -> trained 0.500 ± 0.100" in out
 
 

@@ -1,4 +1,4 @@
-"""The ``mmgrpo`` command: eval, train."""
+"""The ``mmgrpo`` command: train, eval, compare, serve, export."""
 from __future__ import annotations
 
 import argparse
@@ -24,19 +24,45 @@ def cmd_eval(args) -> int:
     from .lm.hf import HFBackend
     from .rollout import evaluate
     from .runlog import RunDir, format_table
-    from .tasks import get_task
 
-    task = get_task(args.task, **_task_options(args))
-    examples = task.split(args.split)[: args.limit] if args.limit else task.split(args.split)
-    lm = HFBackend.load(args.model)
-    program = task.make_program()
     t0 = time.time()
-    res = evaluate(program, examples, task.metric, lm, concurrency=args.concurrency, desc=f"eval {args.task}")
-    run = RunDir.new(args.out, f"eval-{args.task}")
-    run.write_json("results.json", {"task": args.task, "split": args.split, "model": args.model,
+    if args.run:  # a result: its program, prompts and adapter
+        from .data import program_inputs, read_jsonl
+        from .result import load
+
+        res = load(args.run, device=args.device, dtype=args.dtype)
+        info = res.info
+        if args.data:
+            examples, name = read_jsonl(args.data, program_inputs(res.program)), str(args.data)
+        elif info.get("task"):
+            from .tasks import get_task
+
+            examples, name = get_task(info["task"], **info["task_options"]).split(args.split), info["task"]
+        else:
+            path = (info.get("task_settings", {}).get("data") or {}).get(args.split)
+            if not path:
+                raise ValueError(f"this result has no {args.split} file on record; pass --data FILE.jsonl")
+            examples, name = read_jsonl(path, program_inputs(res.program)), info.get("program")
+        examples = examples[: args.limit] if args.limit else examples
+        program, lm, metric, model = res.program, res.backend, info["_metric"], f"{info['model']} + {args.run}"
+        if metric is None:
+            raise ValueError("this result names no importable metric; evaluate it from Python with a metric")
+    else:
+        if not args.task:
+            raise ValueError("say what to evaluate: --task NAME (a built-in task) or --run RUN (a result)")
+        from .tasks import get_task
+
+        task = get_task(args.task, **_task_options(args))
+        examples = task.split(args.split)[: args.limit] if args.limit else task.split(args.split)
+        lm = HFBackend.load(args.model, device=args.device, dtype=args.dtype)
+        program, metric, name, model = task.make_program(), task.metric, args.task, args.model
+    res = evaluate(program, examples, metric, lm, concurrency=args.concurrency, desc=f"eval {name}")
+    run = RunDir.new(args.out, "eval")
+    run.write_json("results.json", {"task": name, "split": args.split, "model": model, "run": args.run,
                                     "mean": res.mean, "ci95": res.ci95, "n": res.n, "counts": res.counts,
-                                    "seconds": time.time() - t0, "settings": task.settings, "scores": res.scores})
-    print(format_table([(args.task, args.split, f"{res.mean:.3f}", f"±{res.ci95:.3f}", res.n, res.counts["ok"],
+                                    "seconds": time.time() - t0, "scores": res.scores,
+                                    "ids": [e.id for e in examples]})
+    print(format_table([(name, args.split, f"{res.mean:.3f}", f"±{res.ci95:.3f}", res.n, res.counts["ok"],
                    res.counts["parse_failure"], res.counts["error"], f"{res.seconds:.0f}s")],
                  ("task", "split", "score", "95% CI", "n", "ok", "parse_fail", "error", "time")))
     print(f"results: {run.path / 'results.json'}")
@@ -47,13 +73,26 @@ def cmd_train(args) -> int:
     from .compose import run
     from .grpo.config import load_config
 
-    overrides = list(args.set or [])
+    overrides = []
     if args.task:
-        overrides.insert(0, f"task={args.task}")
-    cfg = load_config(args.config, overrides=overrides)
+        overrides.append(f"task.name={args.task}")
+    for flag, key in (("program", "program"), ("metric", "metric"), ("reward", "reward"), ("train", "train"),
+                      ("dev", "dev"), ("test", "test")):
+        if getattr(args, flag):
+            overrides.append(f"task.{key}={getattr(args, flag)}")
+    cfg = load_config(args.config, overrides=[*overrides, *(args.set or [])])
     t0 = time.time()
     run(cfg, resume=args.resume)
     print(f"total {time.time() - t0:.0f}s")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .result import export
+
+    out = export(args.run, args.out, merged=args.merged)
+    kind = "merged Hugging Face model" if args.merged else "PEFT adapter"
+    print(f"{kind} (+ prompts.json): {out}")
     return 0
 
 
@@ -65,7 +104,7 @@ def cmd_compare(args) -> int:
         cfg, limit = saved_settings(args.resume)
     else:
         task = args.task or "banking77"
-        cfg = load_config(args.config, overrides=[f"task={task}", *(args.set or [])],
+        cfg = load_config(args.config, overrides=[f"task.name={task}", *(args.set or [])],
                           defaults=None if args.config else PRESETS.get(task))
         limit = args.test_limit
     t0 = time.time()
@@ -78,9 +117,19 @@ def cmd_serve(args) -> int:
     from .lm.hf import HFBackend
     from .serve import start
 
-    backend = HFBackend.load(args.model, deterministic=False)  # a server batches by arrival time
-    srv = start(backend, args.host, args.port, model_name=args.model)
-    print(f"serving {args.model} at http://{srv.server_address[0]}:{srv.server_address[1]}/v1 (Ctrl-C to stop)")
+    prompts, name = None, args.model
+    if args.run:
+        from .result import load
+
+        res = load(args.run, device=args.device, dtype=args.dtype)
+        backend, prompts = res.backend, res.prompts
+        backend.deterministic = False  # a server batches by arrival time
+        name = args.name or res.info["model"]
+    else:
+        backend = HFBackend.load(args.model, device=args.device, dtype=args.dtype, deterministic=False)
+    srv = start(backend, args.host, args.port, model_name=name, prompts=prompts)
+    print(f"serving {name}{' + ' + args.run if args.run else ''} at "
+          f"http://{srv.server_address[0]}:{srv.server_address[1]}/v1 (Ctrl-C to stop)")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -88,12 +137,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _device_args(p) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mmgrpo", description="Multi-module GRPO and prompt optimization for LM programs")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    e = sub.add_parser("eval", help="evaluate a task's program on a split")
-    e.add_argument("--task", choices=TASKS, required=True)
+    e = sub.add_parser("eval", help="evaluate a task's program, or a result (--run), on a split")
+    e.add_argument("--task", choices=TASKS, default=None)
+    e.add_argument("--run", default=None, help="a result folder, or a run folder with result/")
+    e.add_argument("--data", default=None, help="with --run: a JSONL file of examples to evaluate on")
     e.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples only")
     e.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or Hugging Face id")
@@ -103,28 +159,45 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--no-reasoning", action="store_true", help="banking77: label only, no reasoning field")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--out", default="runs", help="folder for the results")
+    _device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    t = sub.add_parser("train", help="run mmGRPO from a TOML/YAML config")
+    t = sub.add_parser("train", help="optimize a task or your own program (strategy: prompts, weights, both)")
     t.add_argument("config", nargs="?", default=None, help="a .toml/.yaml config (defaults for every key left out)")
-    t.add_argument("--task", choices=TASKS, default=None, help="the task (overrides the config's)")
+    t.add_argument("--task", choices=TASKS, default=None, help="a built-in task (overrides the config's)")
+    t.add_argument("--program", default=None, help="your program: import path 'pkg.mod:make_program'")
+    t.add_argument("--metric", default=None, help="its metric: import path 'pkg.mod:metric'")
+    t.add_argument("--reward", default=None, help="its training reward (default: the metric)")
+    t.add_argument("--train", default=None, help="training examples, JSONL")
+    t.add_argument("--dev", default=None, help="dev examples, JSONL")
+    t.add_argument("--test", default=None, help="held-out examples, JSONL (optional)")
     t.add_argument("--resume", default=None, help="a run folder to continue from its last checkpoint")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. rollout.temperature=0.8 (repeatable)")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("compare", help="baseline vs prompts vs weights vs prompts -> weights, on held-out test")
     c.add_argument("config", nargs="?", default=None, help="a .toml/.yaml config (default: the task's preset)")
     c.add_argument("--task", choices=TASKS, default=None, help="the task (default banking77)")
     c.add_argument("--resume", default=None, help="a comparison folder to finish (its saved settings are used)")
-    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     c.add_argument("--test-limit", dest="test_limit", type=int, default=None, help="score the first N test examples")
     c.set_defaults(fn=cmd_compare)
 
-    s = sub.add_parser("serve", help="an OpenAI-compatible server over the in-process backend")
+    s = sub.add_parser("serve", help="an OpenAI-compatible server over a model or a result (--run)")
     s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--run", default=None, help="serve a result: its adapter applied, its prompts at /v1/prompts")
+    s.add_argument("--name", default=None, help="with --run: the model name to answer to")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
+    _device_args(s)
     s.set_defaults(fn=cmd_serve)
+
+    x = sub.add_parser("export", help="a result as a PEFT adapter folder, or --merged as a Hugging Face model")
+    x.add_argument("run", help="a result folder, or a run folder with result/")
+    x.add_argument("out", help="a new folder")
+    x.add_argument("--merged", action="store_true", help="merge the adapter into the weights")
+    x.set_defaults(fn=cmd_export)
 
     args = p.parse_args(argv)
     from .grpo.run import TrainingStopped
@@ -134,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         print(f"mmgrpo: stopped: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
         print(f"mmgrpo: error: {exc}", file=sys.stderr)
         return 2
 

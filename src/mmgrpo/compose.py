@@ -14,6 +14,7 @@ from dataclasses import asdict, is_dataclass
 
 from .grpo.config import TrainConfig
 from .grpo.run import MMGRPO, build, fit, print_summary
+from .tasks import TASKS as TASK_NAMES
 
 PROMPT_STEPS = ("bootstrap", "mipro", "gepa")
 STEPS = ("prompts", *PROMPT_STEPS, "weights")
@@ -77,7 +78,23 @@ def prompts_step(job: MMGRPO, index: int, kind: str) -> dict:
     return summary
 
 
+def result_of(job: MMGRPO, scores: dict | None = None):
+    """The job's program, prompts and adapter as an OptimizedProgram (what result/ holds)."""
+    from .data import spec_of
+    from .result import OptimizedProgram
+
+    cfg, task = job.cfg, job.task
+    custom = bool(cfg.program) or task.name not in TASK_NAMES
+    info = {"model": cfg.model, "strategy": cfg.strategy, "config": cfg.to_dict(), "scores": scores or {},
+            "task": None if custom else cfg.task, "task_options": {} if custom else cfg.task_options,
+            "program": cfg.program or (spec_of(job.program) if custom else None),
+            "metric": cfg.metric or (spec_of(task.metric) if custom else None), "task_settings": task.settings}
+    return OptimizedProgram(job.program, job.backend, job.trainer.model if job.trained else None,
+                            {**info, "_metric": task.metric})
+
+
 def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) -> dict:
+    """Run the strategy's steps on the job's program, then write its result/ folder."""
     steps = [cfg.prompt_optimizer if s == "prompts" else s for s in parse_strategy(cfg.strategy)]
     job = job or build(cfg, resume)
     out: dict = {"strategy": steps, "steps": []}
@@ -91,4 +108,8 @@ def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) 
             print_summary(job, s)
         out["steps"].append(s)
     job.run.write_json("strategy.json", out)
+    last = out["steps"][-1] if out["steps"] else {}
+    scores = {"dev": last.get("best_dev", last.get("final_dev")), "dev_n": len(job.dev)}
+    result_of(job, scores).save(job.run.path / "result")
+    print(f"result (prompts + adapter): {job.run.path / 'result'}")
     return out

@@ -100,10 +100,33 @@ def resolve(name: str) -> str:
     raise ModelNotFound(f"cannot resolve model {name!r}; tried: " + "; ".join(tried))
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """``auto``: CUDA with bfloat16 where a GPU is visible, else CPU with float32."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__}; use device = "
+                         f"cpu (or auto)")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
+
+def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device, dtype = pick_device(device, dtype)
     path = resolve(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))

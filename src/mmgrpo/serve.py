@@ -1,6 +1,6 @@
 """A small OpenAI-compatible server over an in-process backend (bound to 127.0.0.1 by default).
 
-Endpoints: GET /v1/models; POST /v1/chat/completions; POST /v1/completions (a prompt of token
+Endpoints: GET /v1/models; GET /v1/prompts (serving a result); POST /v1/chat/completions; POST /v1/completions (a prompt of token
 ids returns token ids and log-probs). Requests from many clients are batched by the backend.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _params(body: dict) -> SamplingParams:
                           stop=tuple([stop] if isinstance(stop, str) else stop), seed=body.get("seed"))
 
 
-def make_handler(backend, model_name: str):
+def make_handler(backend, model_name: str, prompts: dict | None = None):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet: one line per request is noise in tests
             pass
@@ -36,6 +36,8 @@ def make_handler(backend, model_name: str):
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model"}]})
+            elif self.path.rstrip("/") == "/v1/prompts" and prompts is not None:
+                self._send(200, {"model": model_name, "prompts": prompts})
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
 
@@ -74,9 +76,10 @@ def make_handler(backend, model_name: str):
     return Handler
 
 
-def start(backend, host: str = "127.0.0.1", port: int = 0, model_name: str = "mmgrpo"):
-    """Start serving in a daemon thread; returns the server (``server.server_address`` has the port)."""
-    server = ThreadingHTTPServer((host, port), make_handler(backend, model_name))
+def start(backend, host: str = "127.0.0.1", port: int = 0, model_name: str = "mmgrpo", prompts: dict | None = None):
+    """Start serving in a daemon thread; returns the server (``server.server_address`` has the port).
+    ``prompts``: a result's optimized prompts, answered at GET /v1/prompts."""
+    server = ThreadingHTTPServer((host, port), make_handler(backend, model_name, prompts))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="mmgrpo-serve", daemon=True).start()
     return server

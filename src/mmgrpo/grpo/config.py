@@ -1,6 +1,8 @@
-"""The mmGRPO run configuration: one documented dataclass, loaded from TOML or YAML.
+"""The mmGRPO run configuration: one documented dataclass, written in sections.
 
-Unknown keys and values of the wrong type are errors that name the key.
+Files (TOML or YAML), ``--set section.key=value`` and ``mmgrpo.optimize(config=...)`` use the
+sections of ``SECTIONS``: [model], [task], [rollout], [grpo], [prompts], [run]. Unknown keys,
+keys in the wrong section and values of the wrong type are errors that name the key.
 """
 from __future__ import annotations
 
@@ -19,10 +21,28 @@ class TrainConfig:
     # --- what to train -------------------------------------------------------------------
     model: str = "smollm2-135m"
     """Embedded model name, local folder, or Hugging Face id."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N. auto: CUDA where a GPU is visible, else CPU."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. auto: bfloat16 on a GPU that has it, else float32."""
     task: str = "banking77"
-    """Task by name (see `mmgrpo.tasks.TASKS`)."""
+    """Task by name (see `mmgrpo.tasks.TASKS`); ignored when `program` is set."""
     task_options: dict = field(default_factory=dict)
     """Options passed to the task's constructor (e.g. n_labels, n_demos for banking77)."""
+    program: str | None = None
+    """Your own program instead of a task: an import path ('my_pkg.mod:make_program') of a Program
+    subclass or a factory called with no arguments."""
+    metric: str | None = None
+    """With `program`: import path of the metric, metric(example, prediction) -> float (reported)."""
+    reward: str | None = None
+    """With `program`: import path of the training reward; unset = the metric."""
+    train_data: str | None = None
+    """With `program`: a JSONL file of training examples, one object per line (the program's input
+    fields, gold fields, optional id)."""
+    dev_data: str | None = None
+    """With `program`: a JSONL file of dev examples (evaluation during training)."""
+    test_data: str | None = None
+    """With `program`: an optional JSONL file of held-out test examples."""
     prompts: str | None = None
     """A JSON file of optimized prompts (program.prompt_state()) to train with."""
     strategy: str = "weights"
@@ -191,6 +211,13 @@ class TrainConfig:
                     "gepa_metric_calls"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+             "must be auto, float32, bfloat16 or float16")
+        need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+             "device", "must be auto, cpu, cuda or cuda:N")
+        if self.program:
+            need(bool(self.metric), "metric", "is needed with `program` (an import path)")
+            need(bool(self.train_data and self.dev_data), "train_data", "and dev_data are needed with `program`")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
 
     def to_dict(self) -> dict:
@@ -212,7 +239,34 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+# Config files, --set and mmgrpo.optimize(config=...) are written in sections; the dataclass above
+# stays flat (one documented field each). Section key -> field; a key is the field's name unless
+# renamed here.
+SECTIONS: dict[str, dict[str, str]] = {
+    "model": {"name": "model", "device": "device", "dtype": "dtype"},
+    "task": {"name": "task", "options": "task_options", "program": "program", "metric": "metric",
+             "reward": "reward", "train": "train_data", "dev": "dev_data", "test": "test_data", "prompts": "prompts"},
+    "rollout": {k: k for k in ("batch_examples", "group_size", "temperature", "top_p", "max_tokens", "concurrency",
+                               "format_failure_score", "failure_score", "max_error_rate", "deterministic")},
+    "grpo": {k: k for k in ("grouping", "group_level", "scale_rewards", "per_trajectory_norm", "loss_type", "epsilon",
+                            "epsilon_high", "beta", "num_iterations", "tis_cap", "mismatch_tolerance",
+                            "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+                            "shared_prefix", "pack_tokens", "token_budget", "lora_r", "lora_alpha", "lora_dropout",
+                            "lora_targets", "train_with_demos")},
+    "prompts": {"optimizer": "prompt_optimizer", "candidates": "prompt_candidates", "max_demos": "prompt_max_demos",
+                "train_examples": "prompt_train_examples", "instructions": "prompt_instructions",
+                "trials": "prompt_trials", "minibatch": "prompt_minibatch", "top_k": "prompt_top_k",
+                "gepa_metric_calls": "gepa_metric_calls", "proposer_url": "proposer_url",
+                "proposer_model": "proposer_model"},
+    "run": {k: k for k in ("strategy", "seed", "steps", "eval_every", "eval_examples", "checkpoint_every",
+                           "keep_checkpoints", "out", "name", "progress")},
+}
+WHERE = {f: (sec, key) for sec, keys in SECTIONS.items() for key, f in keys.items()}  # field -> (section, key)
+assert set(WHERE) == {f.name for f in dataclasses.fields(TrainConfig)}, "every field belongs to one section"
+
+
 def from_dict(raw: dict, source: str = "config") -> TrainConfig:
+    """A config from flat field names (saved run configs, presets, code)."""
     hints = typing.get_type_hints(TrainConfig)
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     for key, value in raw.items():
@@ -225,6 +279,45 @@ def from_dict(raw: dict, source: str = "config") -> TrainConfig:
     return TrainConfig(**raw)
 
 
+def moved(key: str) -> str:
+    sec, k = WHERE[key]
+    return f"[{sec}] {k}"
+
+
+def flatten(raw: dict, source: str = "config") -> dict:
+    """Sections -> flat fields; an old flat key, an unknown section or key is an error naming it."""
+    flat: dict = {}
+    for sec, body in raw.items():
+        if sec not in SECTIONS:
+            if sec in WHERE:
+                raise ValueError(f"{source}: key {sec!r} belongs in a section now: write it as {moved(sec)} "
+                                 f"(or --set {WHERE[sec][0]}.{WHERE[sec][1]}=...)")
+            close = difflib.get_close_matches(sec, list(SECTIONS), n=1)
+            hint = f"did you mean [{close[0]}]?" if close else f"sections: {', '.join(SECTIONS)}"
+            raise ValueError(f"{source}: unknown section {sec!r}; {hint}")
+        if not isinstance(body, dict):
+            raise ValueError(f"{source}: [{sec}] must be a table of keys, got {body!r}")
+        for key, value in body.items():
+            if key not in SECTIONS[sec]:
+                if key in WHERE or any(key in keys for keys in SECTIONS.values()):
+                    field_name = key if key in WHERE else next(k2 for keys in SECTIONS.values()
+                                                               for k1, k2 in keys.items() if k1 == key)
+                    raise ValueError(f"{source}: [{sec}] has no key {key!r}; it is {moved(field_name)}")
+                close = difflib.get_close_matches(key, list(SECTIONS[sec]), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"keys of [{sec}]: {', '.join(SECTIONS[sec])}"
+                raise ValueError(f"{source}: unknown key {key!r} in [{sec}]; {hint}")
+            flat[SECTIONS[sec][key]] = value
+    return flat
+
+
+def _merge(into: dict, flat: dict) -> None:
+    for k, v in flat.items():
+        if k == "task_options" and isinstance(v, dict) and isinstance(into.get(k), dict):
+            into[k] = {**into[k], **v}
+        else:
+            into[k] = v
+
+
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -232,9 +325,12 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None) -> TrainConfig:
-    """Defaults (e.g. a task preset), then the file's keys, then KEY=VALUE overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None,
+                defaults_sections: dict | None = None, sections: dict | None = None) -> TrainConfig:
+    """Defaults (flat, e.g. a task preset; then in sections), the file's sections, ``sections``
+    (a dict, from Python), then ``section.key=value`` overrides; later ones win."""
     raw: dict = json.loads(json.dumps(defaults or {}))
+    _merge(raw, flatten(defaults_sections or {}, "defaults"))
     source = str(path) if path else "config"
     if path:
         p = Path(path)
@@ -254,14 +350,22 @@ def load_config(path: str | Path | None, overrides: list[str] = (), defaults: di
         else:
             raise ValueError(f"{p}: use a .toml, .yaml or .yml config file")
         if not isinstance(loaded, dict):
-            raise ValueError(f"{p}: the config must be a mapping of keys to values")
-        raw.update(loaded)
+            raise ValueError(f"{p}: the config must be a mapping of sections to keys")
+        _merge(raw, flatten(loaded, source))
+    _merge(raw, flatten(sections or {}, "config"))
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like KEY=VALUE")
+            raise ValueError(f"override {item!r} must look like SECTION.KEY=VALUE, e.g. rollout.temperature=0.8")
         k, v = item.split("=", 1)
-        if k.startswith("task_options."):
-            raw.setdefault("task_options", {})[k.split(".", 1)[1]] = _parse_value(v)
+        parts = k.split(".")
+        if parts[:2] == ["task", "options"] and len(parts) == 3:
+            _merge(raw, {"task_options": {parts[2]: _parse_value(v)}})
+        elif parts[0] == "task_options":
+            raise ValueError(f"--set {item}: task options are task.options now: --set task.options.{parts[-1]}={v}")
+        elif len(parts) == 2:
+            _merge(raw, flatten({parts[0]: {parts[1]: _parse_value(v)}}, f"--set {item}"))
+        elif len(parts) == 1 and k in WHERE:
+            raise ValueError(f"--set {item}: {k!r} belongs in a section now: --set {WHERE[k][0]}.{WHERE[k][1]}={v}")
         else:
-            raw[k] = _parse_value(v)
+            raise ValueError(f"--set {item}: write SECTION.KEY=VALUE (sections: {', '.join(SECTIONS)})")
     return from_dict(raw, source)

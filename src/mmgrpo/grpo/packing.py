@@ -101,7 +101,7 @@ def pack(seqs: list[Seq]) -> Packed:
 def unpack(flat: torch.Tensor, packed: Packed, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token values (K,) back into the (B, T) right-aligned layout, with its mask."""
     out = flat.new_zeros((n_seqs, packed.T))
-    out = out.index_put((packed.rows, packed.cols), flat)
+    out = out.index_put((packed.rows.to(flat.device), packed.cols.to(flat.device)), flat)
     mask = torch.zeros((n_seqs, packed.T), dtype=torch.bool)
     mask[packed.rows, packed.cols] = True
     return out, mask

@@ -40,6 +40,7 @@ class MMGRPO:
     def __init__(self, cfg: TrainConfig, task, program, backend, run: RunDir):
         self.cfg, self.task, self.program, self.backend, self.run = cfg, task, program, backend, run
         self.trainer = Trainer(backend, cfg)
+        self.trained = False  # set once fit has run: the adapter then belongs to the result
         self.best = {"dev": float("-inf"), "step": None}
         self.dev = task.dev[: cfg.eval_examples]
 
@@ -116,10 +117,21 @@ def _load_program(cfg: TrainConfig, task):
     return program
 
 
-def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None = None) -> MMGRPO:
-    """Assemble a run in a new folder (under cfg.out, or ``path``), or continue ``resume``."""
-    from ..lm.hf import HFBackend
+def make_task(cfg: TrainConfig):
+    """The config's task: your program (import paths + JSONL files) or a built-in task by name."""
+    if cfg.program:
+        from ..tasks.custom import task_from_paths
+
+        return task_from_paths(cfg.program, cfg.metric, cfg.train_data, cfg.dev_data, cfg.test_data, cfg.reward)
     from ..tasks import get_task
+
+    return get_task(cfg.task, **cfg.task_options)
+
+
+def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None = None, task=None) -> MMGRPO:
+    """Assemble a run in a new folder (under cfg.out, or ``path``), or continue ``resume``.
+    ``task``: a Task made by the caller (mmgrpo.optimize) instead of the config's."""
+    from ..lm.hf import HFBackend
 
     if resume:
         run = RunDir(resume)
@@ -132,9 +144,10 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
             raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}")
     else:
         run = RunDir(path) if path else RunDir.new(cfg.out, cfg.name)
-    task = get_task(cfg.task, **cfg.task_options)
+    task = task or make_task(cfg)
     program = _load_program(cfg, task)
-    backend = HFBackend.load(cfg.model, max_batch=max(cfg.concurrency, 1), deterministic=cfg.deterministic)
+    backend = HFBackend.load(cfg.model, device=cfg.device, dtype=cfg.dtype, max_batch=max(cfg.concurrency, 1),
+                             deterministic=cfg.deterministic)
     if not resume:
         run.write_json("config.json", {"config": cfg.to_dict(), "task_settings": task.settings,
                                        "command": sys.argv, "prompts": program.prompt_state()})
@@ -169,6 +182,8 @@ def fit(job: MMGRPO) -> dict:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             job.checkpoint(step)
     bar.close()
+    job.trainer.load_adapter(job.run.path / "best_adapter")  # what follows (and result/) uses the best
+    job.trained = True
     devs = job.run.read_log("dev.jsonl")
     first = devs[0] if devs and devs[0]["step"] == 0 else None
     summary = {"run": str(job.run.path), "baseline_dev": first["dev"] if first else None,
@@ -187,10 +202,10 @@ def print_summary(job: MMGRPO, summary: dict) -> None:
         upd = r.get("updated")
         rows.append((r["step"], f"{r['reward_mean']:.3f}", r.get("n_ok", 0), r.get("n_parse_failure", 0),
                      r.get("n_error", 0), r["groups_used"], skipped,
-                     f"{r['grad_norm']:.3f}" if upd else "-", f"{r['mismatch_mean']:.4f}" if upd else "-",
+                     f"{r['grad_norm']:.3f}" if upd else "-", f"{r['mismatch_mean']:.1e}" if upd else "-",
                      f"{r['rollout_s']:.1f}", f"{r.get('update_s', 0.0):.1f}",
                      f"{r['dev']:.3f}" if "dev" in r else ""))
-    print(f"\nmmGRPO on {job.cfg.task} ({job.cfg.model}), run folder: {job.run.path}")
+    print(f"\nmmGRPO on {job.task.name} ({job.cfg.model}), run folder: {job.run.path}")
     print(format_table(rows, ("step", "reward", "ok", "parse_fail", "error", "groups", "skipped", "grad norm",
                               "mismatch", "rollout s", "update s", "dev")))
     b, f = summary["baseline_dev"], summary["final_dev"]

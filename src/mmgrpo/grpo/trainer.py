@@ -243,14 +243,11 @@ class Trainer:
         return folder
 
     def load(self, folder: str | Path) -> dict:
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         folder = Path(folder)
         state = json.loads((folder / "trainer_state.json").read_text())
-        with self.backend.lock:
-            set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
-            self.backend.weights_changed()
+        self.load_adapter(folder)
         tensors = load_file(str(folder / "optimizer.safetensors"))
         torch.set_rng_state(tensors.pop("rng.torch"))
         opt_state: dict = {}
@@ -267,6 +264,15 @@ class Trainer:
         self.step = state["step"]
         return state
 
+    def load_adapter(self, folder: str | Path) -> None:
+        """Put a saved adapter's weights (e.g. best_adapter/) back into the policy."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        with self.backend.lock:
+            set_peft_model_state_dict(self.model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+            self.backend.weights_changed()
+
     def save_adapter(self, folder: str | Path) -> None:
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp")
@@ -279,9 +285,10 @@ def _publish(tmp: Path, folder: Path) -> None:
     """fsync every file of a finished temp folder, then rename it into place. The old folder is
     moved aside first and deleted last: a kill in between leaves it at ``.NAME.old``, which
     ``recover`` puts back."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     aside = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(aside, ignore_errors=True)
     if folder.exists():

@@ -83,10 +83,10 @@ class HFBackend:
         self._worker.start()
 
     @classmethod
-    def load(cls, name: str = "smollm2-135m", **kw) -> "HFBackend":
+    def load(cls, name: str = "smollm2-135m", device: str = "auto", dtype: str = "auto", **kw) -> "HFBackend":
         from ..models import load
 
-        m = load(name)
+        m = load(name, dtype=dtype, device=device)
         return cls(m.model, m.tokenizer, **kw)
 
     # ---- public API -------------------------------------------------------------------
@@ -316,10 +316,11 @@ class HFBackend:
                 break
             if len(keep) < len(live):  # compact: finished rows cost nothing from here on
                 idx = torch.tensor(keep)
+                on_dev = idx.to(self.device)
                 live = [live[j] for j in keep]
-                nxt, mask, last_pos = nxt[idx], mask[idx], last_pos[idx]
+                nxt, mask, last_pos = nxt[idx], mask[on_dev], last_pos[on_dev]
                 for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+                    layer.keys, layer.values = layer.keys[on_dev], layer.values[on_dev]
                     layer.batch_size = len(keep)
             mask[:, col] = 1
             col += 1

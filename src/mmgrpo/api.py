@@ -1,0 +1,53 @@
+"""The Python entry point: ``mmgrpo.optimize(program, train, dev, metric, ...)`` -> OptimizedProgram.
+
+The same path as ``mmgrpo train``: a config, a task (here made from your program, data and
+metric), ``compose.run`` over the strategy's steps, a run folder with its ``result/``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from .compose import result_of, run
+from .grpo.config import TrainConfig, load_config
+from .grpo.run import build
+from .program import Program
+from .result import OptimizedProgram
+
+
+def optimize(program: Program, train: Sequence[Any], dev: Sequence[Any], metric: Callable, *,
+             reward: Callable | None = None, strategy: str = "prompts -> weights", model: str = "smollm2-135m",
+             config: dict | str | None = None, test: Sequence[Any] | None = None,
+             input_fields: Sequence[str] | None = None, resume: str | None = None) -> OptimizedProgram:
+    """Optimize ``program`` (prompts, weights, or both in the order of ``strategy``).
+
+    train, dev, test: ``Example``s, or dicts whose keys are the program's inputs (the parameters of
+    its ``forward``, or ``input_fields``) plus gold fields. metric(example, prediction) -> float is
+    what dev scores report; ``reward`` (default: metric) is what mmGRPO trains on. ``config``: a
+    dict or a TOML/YAML file of config sections (see ``mmgrpo.grpo.config``). The run folder (under
+    run.out, default runs/) keeps logs and checkpoints; ``resume`` continues one.
+    """
+    from .tasks.custom import program_task
+
+    name = type(program).__name__.lower()
+    overrides = {"run": {"strategy": strategy, "name": name}, "model": {"name": model}}
+    if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
+        cfg = load_config(config, defaults_sections=overrides)
+    else:
+        cfg = load_config(None, defaults_sections=overrides, sections=config or {})
+    task = program_task(program, train, dev, metric, reward, test, name=name, input_fields=input_fields)
+    job = build(cfg, resume=resume, task=task)
+    run(cfg, job=job)
+    out = result_of(job)
+    out.info["run"] = str(job.run.path)
+    return out
+
+
+def load(folder: str, program: Program | None = None, device: str = "auto", dtype: str = "auto",
+         metric: Callable | None = None) -> OptimizedProgram:
+    """A saved result (``result.save`` or a run's ``result/``), ready to call and evaluate."""
+    from .result import load as load_result
+
+    return load_result(folder, program=program, device=device, dtype=dtype, metric=metric)
+
+
+__all__ = ["OptimizedProgram", "TrainConfig", "load", "optimize"]
