@@ -2,7 +2,7 @@
 right module's prompt, and the search keeps every trial and picks the best by its score."""
 from __future__ import annotations
 
-from mmgrpo.optimize.bootstrap import bootstrap_pool, random_search
+from mmgrpo.optimizers.bootstrap import bootstrap_pool, random_search
 from mmgrpo.tasks import get_task
 
 

@@ -97,18 +97,21 @@ def test_config_errors_name_the_key(tmp_path):
     from mmgrpo.grpo.config import load_config
 
     bad = tmp_path / "c.toml"
-    bad.write_text('learning_rat = 0.1\n')
-    with pytest.raises(ValueError, match="unknown key 'learning_rat'; did you mean 'learning_rate'"):
+    bad.write_text('[grpo]\nlearning_rat = 0.1\n')
+    with pytest.raises(ValueError, match=r"unknown key 'learning_rat' in \[grpo\]; did you mean 'learning_rate'"):
         load_config(bad)
-    bad.write_text('group_size = "eight"\n')
+    bad.write_text('[rollout]\ngroup_size = "eight"\n')
     with pytest.raises(ValueError, match="key 'group_size' must be of type"):
         load_config(bad)
-    bad.write_text('group_size = 1\n')
+    bad.write_text('[rollout]\ngroup_size = 1\n')
     with pytest.raises(ValueError, match="'group_size': must be >= 2"):
         load_config(bad)
+    bad.write_text('[rolout]\ngroup_size = 4\n')
+    with pytest.raises(ValueError, match=r"unknown section 'rolout'; did you mean \[rollout\]"):
+        load_config(bad)
     good = tmp_path / "c.yaml"
-    good.write_text("steps: 3\ntask_options: {n_labels: 5}\n")
-    cfg = load_config(good, overrides=["learning_rate=0.01", "task_options.n_demos=2"])
+    good.write_text("run: {steps: 3}\ntask: {options: {n_labels: 5}}\n")
+    cfg = load_config(good, overrides=["grpo.learning_rate=0.01", "task.options.n_demos=2"])
     assert (cfg.steps, cfg.learning_rate, cfg.task_options) == (3, 0.01, {"n_labels": 5, "n_demos": 2})
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mmgrpo.optimize.gepa import ProgramAdapter, default_feedback, gepa_search
-from mmgrpo.optimize.mipro import mipro
+from mmgrpo.optimizers.gepa import ProgramAdapter, default_feedback, gepa_search
+from mmgrpo.optimizers.mipro import mipro
 from mmgrpo.tasks import get_task
 
 
@@ -84,7 +84,7 @@ def test_gepa_with_the_embedded_model_as_its_own_reflector_completes(lm, task):
 
 
 def test_demo_sets_add_bootstrapped_demos_to_the_labelled_ones(task):
-    from mmgrpo.optimize.mipro import demo_sets
+    from mmgrpo.optimizers.mipro import demo_sets
 
     program = task.make_program()
     labelled = list(program.classify.demos)
@@ -106,7 +106,7 @@ def test_demo_sets_add_bootstrapped_demos_to_the_labelled_ones(task):
 
 
 def test_labelled_pool_takes_examples_whose_fields_the_module_has(task):
-    from mmgrpo.optimize.mipro import labelled_pool
+    from mmgrpo.optimizers.mipro import labelled_pool
 
     program = task.make_program()
     pool = labelled_pool(program, task.train[:5])["classify"]

@@ -2,7 +2,8 @@
 
 ``mmgrpo.optimize(program, train, dev, metric, strategy="prompts -> weights")`` returns an
 ``OptimizedProgram``; ``result.save(dir)`` and ``mmgrpo.load(dir)`` keep it. The heavy parts
-(torch, transformers) load on first use.
+(torch, transformers) load on first use. (The prompt optimizers live in ``mmgrpo.optimizers``:
+a subpackage named ``optimize`` would shadow the function.)
 """
 from typing import Any
 

@@ -45,19 +45,19 @@ def optimize_prompts(job: MMGRPO, kind: str):
     cfg, task, program, lm = job.cfg, job.task, job.program, job.backend
     train = task.train[: cfg.prompt_train_examples]
     if kind == "bootstrap":
-        from .optimize.bootstrap import random_search
+        from .optimizers.bootstrap import random_search
 
         return random_search(program, train, job.dev, task.metric, lm, n_candidates=cfg.prompt_candidates,
                              max_demos=cfg.prompt_max_demos, concurrency=cfg.concurrency, seed=cfg.seed)
     if kind == "mipro":
-        from .optimize.mipro import mipro
+        from .optimizers.mipro import mipro
 
         return mipro(program, train, job.dev, task.metric, lm, proposer=proposer_lm(cfg, lm),
                      description=task.description, n_instructions=cfg.prompt_instructions,
                      n_demo_sets=cfg.prompt_candidates, max_demos=cfg.prompt_max_demos, trials=cfg.prompt_trials,
                      minibatch=cfg.prompt_minibatch, top_k=cfg.prompt_top_k, concurrency=cfg.concurrency,
                      seed=cfg.seed, progress=cfg.progress)
-    from .optimize.gepa import gepa_search
+    from .optimizers.gepa import gepa_search
 
     return gepa_search(program, train, job.dev, task.metric, lm, reflection_lm=proposer_lm(cfg, lm),
                        max_metric_calls=cfg.gepa_metric_calls, minibatch=min(4, cfg.prompt_minibatch),
