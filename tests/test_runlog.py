@@ -5,8 +5,7 @@ import os
 from types import SimpleNamespace
 
 from mmgrpo.grpo.run import print_summary
-from mmgrpo.grpo.trainer import _publish, recover
-from mmgrpo.runlog import RunDir, atomic_write, format_table
+from mmgrpo.runlog import RunDir, atomic_write, format_table, publish_dir, recover_dir
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -56,8 +55,8 @@ def test_a_publish_cut_between_its_renames_is_recovered(tmp_path):
         tmp = tmp_path / ".best_adapter.tmp"
         tmp.mkdir()
         (tmp / "w").write_text(content)
-        _publish(tmp, best)
+        publish_dir(tmp, best)
     assert (best / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best_adapter"]
     os.replace(best, tmp_path / ".best_adapter.old")  # as if killed after moving the old one aside
-    recover(best)
+    recover_dir(best)
     assert (best / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best_adapter"]

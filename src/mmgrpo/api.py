@@ -23,18 +23,20 @@ def optimize(program: Program, train: Sequence[Any], dev: Sequence[Any], metric:
     train, dev, test: ``Example``s, or dicts whose keys are the program's inputs (the parameters of
     its ``forward``, or ``input_fields``) plus gold fields. metric(example, prediction) -> float is
     what dev scores report; ``reward`` (default: metric) is what mmGRPO trains on. ``config``: a
-    dict or a TOML/YAML file of config sections (see ``mmgrpo.grpo.config``). The run folder (under
+    dict or a TOML/YAML file of config sections (see ``mmgrpo.grpo.config``); ``strategy`` and
+    ``model`` win over the same keys there. The run folder (under
     run.out, default runs/) keeps logs and checkpoints; ``resume`` continues one.
     """
     from .tasks.custom import program_task
 
-    name = type(program).__name__.lower()
-    overrides = {"run": {"strategy": strategy, "name": name}, "model": {"name": model}}
+    args = {"run": {"strategy": strategy}, "model": {"name": model}}  # the arguments win over config
+    defaults = {"run": {"name": type(program).__name__.lower()}}
     if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
-        cfg = load_config(config, defaults_sections=overrides)
+        cfg = load_config(config, defaults_sections=defaults, sections=args)
     else:
-        cfg = load_config(None, defaults_sections=overrides, sections=config or {})
-    task = program_task(program, train, dev, metric, reward, test, name=name, input_fields=input_fields)
+        sections = {sec: {**(config or {}).get(sec, {}), **args.get(sec, {})} for sec in {*(config or {}), *args}}
+        cfg = load_config(None, defaults_sections=defaults, sections=sections)
+    task = program_task(program, train, dev, metric, reward, test, name=cfg.name, input_fields=input_fields)
     job = build(cfg, resume=resume, task=task)
     run(cfg, job=job)
     out = result_of(job)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from .lm.base import SamplingParams, using
 from .program import Prediction, Program
 from .rollout import EvalResult, evaluate
-from .runlog import atomic_write, write_json
+from .runlog import atomic_write, publish_dir, write_json
 
 
 class OptimizedProgram:
@@ -49,8 +49,6 @@ class OptimizedProgram:
 
     def save(self, folder: str | Path) -> Path:
         """Write the result folder atomically (a temp folder renamed into place)."""
-        from .grpo.trainer import _publish  # noqa: PLC0415 - the one atomic folder writer
-
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -60,7 +58,7 @@ class OptimizedProgram:
             self.peft_model.save_pretrained(tmp / "adapter", safe_serialization=True)
         info = {k: v for k, v in self.info.items() if not k.startswith("_")}
         write_json(tmp / "result.json", {**info, "has_adapter": self.peft_model is not None})
-        _publish(tmp, folder)
+        publish_dir(tmp, folder)
         return folder
 
     def close(self) -> None:

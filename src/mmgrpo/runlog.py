@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +26,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
 
 
 def format_table(rows: list[tuple], headers: tuple) -> str:
@@ -93,3 +90,37 @@ class RunDir:
         """On resume, forget lines written after the checkpoint we resume from."""
         rows = [r for r in self.read_log(name) if r.get("step", 0) <= keep_steps_upto]
         atomic_write(self.path / name, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def publish_dir(tmp: Path, folder: Path) -> None:
+    """fsync every file of a finished temp folder, then rename it into place. The old folder is
+    moved aside first and deleted last: a kill in between leaves it at ``.NAME.old``, which
+    ``recover_dir`` puts back."""
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    aside = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, aside)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_dir(folder: Path) -> None:
+    """Undo a publish cut short between its two renames; drop a half-written temp folder."""
+    aside = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and aside.exists():
+        os.replace(aside, folder)
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,11 +10,11 @@ from pathlib import Path
 from ..lm.base import SamplingParams
 from ..program import Example
 from ..rollout import evaluate, sample, trajectory_seed
-from ..runlog import RunDir, format_table
+from ..runlog import RunDir, format_table, recover_dir
 from ..trace import ERROR
 from .config import TrainConfig
 from .groups import assign_weights, compute_advantages, group_calls
-from .trainer import Trainer, recover, write_latest
+from .trainer import Trainer, write_latest
 
 
 class TrainingStopped(RuntimeError):
@@ -95,14 +95,14 @@ class MMGRPO:
 
     def resume(self) -> int:
         """Load the newest checkpoint and forget log lines after it; 0 = start (logs cleared)."""
-        recover(self.run.path / "best_adapter")
+        recover_dir(self.run.path / "best_adapter")
         latest = self.run.path / "checkpoints" / "latest"
         if not latest.exists():
             self.run.truncate_log(-1)
             self.run.truncate_log(-1, "dev.jsonl")
             return 0
         name = latest.read_text().strip()
-        recover(self.run.path / "checkpoints" / name)
+        recover_dir(self.run.path / "checkpoints" / name)
         state = self.trainer.load(self.run.path / "checkpoints" / name)
         self.best = state["best"]
         self.run.truncate_log(state["step"])

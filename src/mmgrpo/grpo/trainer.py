@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..runlog import atomic_write, write_json
+from ..runlog import atomic_write, publish_dir, write_json
 from .config import TrainConfig
 from .groups import Grouping
 from .loss import grpo_loss, sequence_coefficients, token_logprobs
@@ -239,7 +238,7 @@ class Trainer:
         state = {"step": self.step, "param_groups": opt["param_groups"], "opt_scalars": scalars,
                  "scheduler": self.sched.state_dict(), "rng_python": random.getstate(), **extra}
         write_json(tmp / "trainer_state.json", state)
-        _publish(tmp, folder)
+        publish_dir(tmp, folder)
         return folder
 
     def load(self, folder: str | Path) -> dict:
@@ -278,41 +277,7 @@ class Trainer:
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
-        _publish(tmp, folder)
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    """fsync every file of a finished temp folder, then rename it into place. The old folder is
-    moved aside first and deleted last: a kill in between leaves it at ``.NAME.old``, which
-    ``recover`` puts back."""
-    for f in sorted(tmp.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    aside = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(aside, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, aside)
-    os.replace(tmp, folder)
-    _fsync_dir(folder.parent)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def recover(folder: Path) -> None:
-    """Undo a publish cut short between its two renames; drop a half-written temp folder."""
-    aside = folder.with_name(f".{folder.name}.old")
-    if not folder.exists() and aside.exists():
-        os.replace(aside, folder)
-    shutil.rmtree(aside, ignore_errors=True)
-    shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        publish_dir(tmp, folder)
 
 
 def write_latest(run_path: Path, name: str) -> None:
