@@ -74,39 +74,16 @@ def test_dicts_need_the_programs_inputs():
         to_examples([{"subject": "x"}, {"topic": "y"}], ["subject"], "train")
 
 
-PROGRAM_FILE = '''
-from mmgrpo.program import Module, Program
-
-
-class Scene(Program):
-    def __init__(self):
-        self.pick = Module("pick", ["subject"], ["word"], "Give one word related to the subject.", max_tokens=8,
-                           demos=[{"subject": "the sun", "word": "light"}])
-        self.write = Module("write", ["subject", "word"], ["line"], "Write one short line about the subject "
-                            "using the word.", max_tokens=16,
-                            demos=[{"subject": "the sun", "word": "light", "line": "The sun spills light."}])
-
-    def forward(self, subject):
-        return self.write(subject=subject, word=self.pick(subject=subject).word)
-
-
-def make_program():
-    return Scene()
-
-
-def metric(example, pred):
-    return float(len(pred["line"].split()) <= example.gold["max_words"])
-'''
+SCENE = HERE.parent / "examples" / "scene"  # the README's example program, imported by path as scene:Scene
 
 
 @pytest.fixture
 def cli_run(tmp_path, monkeypatch):
     """`mmgrpo train --program ... --train ... --dev ...` on files the test writes; the run folder."""
-    (tmp_path / "scene_prog.py").write_text(PROGRAM_FILE)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(SCENE))
     for name, rows in (("train", ROWS[:4]), ("dev", ROWS[4:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["train", "--program", "scene_prog:make_program", "--metric", "scene_prog:metric",
+    args = ["train", "--program", "scene:Scene", "--metric", "scene:short_line",
             "--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl"),
             "--set", f"run.out={tmp_path / 'runs'}", "--set", "run.name=scene"]
     for sec, keys in TINY.items():
@@ -119,7 +96,7 @@ def cli_run(tmp_path, monkeypatch):
 def test_cli_trains_your_program_from_jsonl_then_evaluates_and_exports_it(cli_run, capsys):
     tmp_path, run = cli_run
     info = json.loads((run / "result" / "result.json").read_text())
-    assert info["program"] == "scene_prog:make_program" and info["has_adapter"]
+    assert info["program"] == "scene:Scene" and info["has_adapter"]
     assert main(["eval", "--run", str(run), "--split", "dev", "--out", str(tmp_path / "evals")]) == 0
     assert "dev" in capsys.readouterr().out
 
@@ -155,20 +132,19 @@ def test_cli_trains_your_program_from_jsonl_then_evaluates_and_exports_it(cli_ru
 
 
 def test_cli_errors_name_the_file_line_and_the_import(tmp_path, monkeypatch, capsys):
-    (tmp_path / "scene_prog.py").write_text(PROGRAM_FILE)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(SCENE))
     good = json.dumps(ROWS[0]) + "\n"
     (tmp_path / "train.jsonl").write_text(good + '{"subject": "x", "max_words": \n')
     (tmp_path / "dev.jsonl").write_text(good)
-    base = ["train", "--metric", "scene_prog:metric", "--train", str(tmp_path / "train.jsonl"),
+    base = ["train", "--metric", "scene:short_line", "--train", str(tmp_path / "train.jsonl"),
             "--dev", str(tmp_path / "dev.jsonl"), "--set", f"run.out={tmp_path / 'runs'}"]
-    assert main([*base, "--program", "scene_prog:make_program"]) == 2
+    assert main([*base, "--program", "scene:Scene"]) == 2
     assert f"{tmp_path / 'train.jsonl'}:2: not valid JSON" in capsys.readouterr().err
     (tmp_path / "train.jsonl").write_text(good + json.dumps({"topic": "x"}) + "\n")
-    assert main([*base, "--program", "scene_prog:make_program"]) == 2
+    assert main([*base, "--program", "scene:Scene"]) == 2
     assert "train.jsonl:2: missing input field(s) ['subject']" in capsys.readouterr().err
-    assert main([*base, "--program", "scene_prog:make_programme"]) == 2
-    assert "module 'scene_prog' has no attribute 'make_programme'" in capsys.readouterr().err
+    assert main([*base, "--program", "scene:Scen"]) == 2
+    assert "module 'scene' has no attribute 'Scen'" in capsys.readouterr().err
     assert main([*base, "--program", "no_such_pkg.mod:make"]) == 2
     assert "cannot import module 'no_such_pkg.mod'" in capsys.readouterr().err
 

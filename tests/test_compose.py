@@ -38,6 +38,10 @@ def test_prompts_then_weights_from_the_command_line(tmp_path, capsys):
     assert strategy["steps"][1]["baseline_dev"] == pytest.approx(strategy["steps"][0]["best_dev"])
     assert "classify" in saved and [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert "bootstrap: best dev" in capsys.readouterr().out
+    # the result: the searched prompts with the adapter that was trained on them
+    assert json.loads((run / "result" / "prompts.json").read_text()) == saved
+    info = json.loads((run / "result" / "result.json").read_text())
+    assert info["has_adapter"] and info["task"] == "banking77" and info["strategy"] == "prompts -> weights"
 
 
 def test_unknown_step_is_a_clear_cli_error(tmp_path, capsys):

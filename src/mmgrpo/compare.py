@@ -22,7 +22,7 @@ from .runlog import RunDir, format_table, write_json
 
 ARMS = (("baseline", ""), ("prompts", "prompts"), ("weights", "weights"), ("prompts_weights", "prompts -> weights"))
 
-# banking77 starts zero-shot, as in the paper (10 intents, label only); add --set task_options.n_demos=5 for
+# banking77 starts zero-shot, as in the paper (10 intents, label only); add --set task.options.n_demos=5 for
 # the warm start of the README's demo, which already has the demos a prompt optimizer would add
 _BANKING77 = {"task_options": {"n_labels": 10, "n_demos": 0, "reasoning": False, "valid_label_credit": 0.1},
               "steps": 12, "batch_examples": 8, "group_size": 8, "temperature": 0.8, "max_tokens": 24,
