@@ -65,7 +65,7 @@ class MMGRPO:
                       progress=False)
         errors = [t.error for t in roll.trajectories if t.status == ERROR]
         if len(errors) > cfg.max_error_rate * len(roll.trajectories):
-            first = max(set(e.splitlines()[0] for e in errors), key=lambda e: sum(x.startswith(e) for x in errors))
+            first = max(sorted({e.splitlines()[0] for e in errors}), key=lambda e: sum(x.startswith(e) for x in errors))
             raise TrainingStopped(
                 f"step {step}: {len(errors)} of {len(roll.trajectories)} rollouts failed with an error (more than "
                 f"max_error_rate = {cfg.max_error_rate}); nothing was trained on this step. Most common error: "
