@@ -67,7 +67,6 @@ class HFBackend:
         self.min_prefix = 16
         self.prefill_chunk = prefill_chunk
         self._prefix_cache: dict[tuple, list] = {}
-        self._base = False
         self._cv = threading.Condition()  # guards _pending, _active, _closed
         self._pending: list[_Request] = []
         self._closed = False
@@ -185,9 +184,8 @@ class HFBackend:
         with self.lock, (self.adapter_off() if base else nullcontext()):
             was_training = self.model.training
             self.model.eval()
-            self._base = base  # part of the prefix-cache key
             try:
-                return self._decode(prompts, params)
+                return self._decode(prompts, params, base)
             finally:
                 if was_training:
                     self.model.train()
@@ -198,11 +196,12 @@ class HFBackend:
             self._prefix_cache.clear()
             self.version += 1
 
-    def _prefix_kv(self, prefix: list[int]):
-        """Per-layer (keys, values) of a shared prompt prefix, computed once and kept (LRU)."""
+    def _prefix_kv(self, prefix: list[int], base: bool):
+        """Per-layer (keys, values) of a shared prompt prefix, computed once and kept (LRU);
+        keyed by ``base`` too, since the frozen view computes it with the adapter off."""
         from transformers import DynamicCache
 
-        key = (self._base, tuple(prefix))
+        key = (base, tuple(prefix))
         if key in self._prefix_cache:
             self._prefix_cache[key] = self._prefix_cache.pop(key)  # most recent last
             self.stats["prefix_hits"] += 1
@@ -216,7 +215,7 @@ class HFBackend:
             self._prefix_cache.pop(next(iter(self._prefix_cache)))
         return kv
 
-    def _prefill(self, prompts, max_new: int):
+    def _prefill(self, prompts, max_new: int, base: bool):
         """Build the batch's cache and last-token logits.
 
         A prefix shared by all rows is computed once (and kept across batches). The rest of
@@ -231,7 +230,7 @@ class HFBackend:
         P = min(P, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 token to produce logits
         if P < self.min_prefix:
             P = 0
-        prefix = self._prefix_kv(prompts[0][:P]) if P else None
+        prefix = self._prefix_kv(prompts[0][:P], base) if P else None
         lens = [len(p) - P for p in prompts]
         S = max(lens)
         mask = torch.zeros((B, P + S + max_new), dtype=torch.long, device=self.device)
@@ -280,7 +279,7 @@ class HFBackend:
             cache.update(full_k[li], full_v[li], li)
         return torch.stack(logits), cache, mask, last_pos, P + S
 
-    def _decode(self, prompts, params) -> list[Completion]:
+    def _decode(self, prompts, params, base: bool = False) -> list[Completion]:
         B = len(prompts)
         gens = []
         for p in params:
@@ -290,7 +289,7 @@ class HFBackend:
         # log-probs under the distribution each token is drawn from: softmax(logits / T)
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
         max_new = max(p.max_tokens for p in params)
-        logits, cache, mask, last_pos, col = self._prefill(prompts, max_new)
+        logits, cache, mask, last_pos, col = self._prefill(prompts, max_new, base)
         toks: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         done = [False] * B
@@ -376,7 +375,7 @@ class FrozenView:
         self.backend = backend
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Completion:
-        return self.backend.complete(self.backend.tokenize_chat(messages), params, base=True)
+        return self.complete(self.backend.tokenize_chat(messages), params)
 
     def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         return self.backend.complete(prompt_ids, params, base=True)
