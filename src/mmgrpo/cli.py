@@ -44,7 +44,7 @@ def cmd_eval(args) -> int:
                 raise ValueError(f"this result has no {args.split} file on record; pass --data FILE.jsonl")
             examples, name = read_jsonl(path, program_inputs(res.program)), info.get("program")
         examples = examples[: args.limit] if args.limit else examples
-        program, lm, metric, model = res.program, res.backend, info["_metric"], f"{info['model']} + {args.run}"
+        program, lm, metric, model = res.program, res.backend, res.metric, f"{info['model']} + {args.run}"
         if metric is None:
             raise ValueError("this result names no importable metric; evaluate it from Python with a metric")
     else:

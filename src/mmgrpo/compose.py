@@ -89,8 +89,8 @@ def result_of(job: MMGRPO, scores: dict | None = None):
             "task": None if custom else cfg.task, "task_options": {} if custom else cfg.task_options,
             "program": cfg.program or (spec_of(job.program) if custom else None),
             "metric": cfg.metric or (spec_of(task.metric) if custom else None), "task_settings": task.settings}
-    return OptimizedProgram(job.program, job.backend, job.trainer.model if job.trained else None,
-                            {**info, "_metric": task.metric})
+    return OptimizedProgram(job.program, job.backend, job.trainer.model if job.trained else None, info,
+                            task.metric)
 
 
 def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) -> dict:

@@ -22,9 +22,10 @@ class OptimizedProgram:
     """A program with its optimized prompts, run by a model with its trained adapter (greedy)."""
 
     def __init__(self, program: Program, backend, peft_model=None, info: dict | None = None,
-                 max_tokens: int = 256):
+                 metric=None, max_tokens: int = 256):
         self.program, self.backend, self.peft_model = program, backend, peft_model
-        self.info = dict(info or {})
+        self.info = dict(info or {})  # what result.json records
+        self.metric = metric  # the default of evaluate (None when it could not be rebuilt)
         self.max_tokens = max_tokens
 
     def __call__(self, **inputs: Any) -> Prediction:
@@ -36,7 +37,7 @@ class OptimizedProgram:
         """Greedy score on ``examples`` (Examples or dicts): mean, 95% CI, counts."""
         from .data import program_inputs, to_examples
 
-        metric = metric or self.info.get("_metric")
+        metric = metric or self.metric
         if metric is None:
             raise ValueError("evaluate needs a metric (this result was loaded without one)")
         exs = to_examples(examples, program_inputs(self.program), "examples")
@@ -56,8 +57,7 @@ class OptimizedProgram:
         write_json(tmp / "prompts.json", self.prompts)
         if self.peft_model is not None:
             self.peft_model.save_pretrained(tmp / "adapter", safe_serialization=True)
-        info = {k: v for k, v in self.info.items() if not k.startswith("_")}
-        write_json(tmp / "result.json", {**info, "has_adapter": self.peft_model is not None})
+        write_json(tmp / "result.json", {**self.info, "has_adapter": self.peft_model is not None})
         publish_dir(tmp, folder)
         return folder
 
@@ -121,7 +121,7 @@ def load(folder: str | Path, program: Program | None = None, device: str = "auto
         from .tasks import get_task
 
         metric = get_task(info["task"], **info.get("task_options", {})).metric
-    return OptimizedProgram(prog, backend, peft_model, {**info, "_metric": metric})
+    return OptimizedProgram(prog, backend, peft_model, info, metric)
 
 
 def export(folder: str | Path, out: str | Path, merged: bool = False) -> Path:
