@@ -124,7 +124,7 @@ def test_cli_trains_your_program_from_jsonl_then_evaluates_and_exports_it(cli_ru
         got = json.loads(urllib.request.urlopen(f"{url}/prompts", timeout=30).read())
         assert got["prompts"] == res.prompts
         req = urllib.request.Request(f"{url}/completions", data=json.dumps(
-            {"prompt": prompt, "max_tokens": 12, "temperature": 0}).encode(), headers={"Content-Type": "application/json"})
+            {"prompt": prompt, "max_tokens": 12, "temperature": 0, "return_token_ids": True}).encode(), headers={"Content-Type": "application/json"})
         body = json.loads(urllib.request.urlopen(req, timeout=60).read())
         assert body["choices"][0]["token_ids"] == want.token_ids
     finally:

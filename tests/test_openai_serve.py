@@ -33,7 +33,8 @@ def test_client_chats_with_the_embedded_model_over_http(server, lm):
 
 def test_completions_endpoint_returns_token_ids_and_logprobs(server, lm):
     prompt = lm.tokenize_chat([{"role": "user", "content": "Say yes."}])
-    body = client_post(server + "/completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0})
+    body = client_post(server + "/completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0,
+                                                 "logprobs": 1, "return_token_ids": True})
     choice = body["choices"][0]
     assert len(choice["token_ids"]) == len(choice["logprobs"]["token_logprobs"]) > 0
     bad = client_post(server + "/completions", {"prompt": "text, not ids"}, expect_error=True)

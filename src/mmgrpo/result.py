@@ -112,7 +112,7 @@ def load(folder: str | Path, program: Program | None = None, device: str = "auto
         peft_model.eval()
     backend = HFBackend(m.model, m.tokenizer)
     if peft_model is not None:
-        backend.adapter_off = peft_model.disable_adapter
+        backend.peft = peft_model
     if metric is None and info.get("metric"):
         from .data import import_object
 

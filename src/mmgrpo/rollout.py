@@ -46,6 +46,16 @@ class RolloutResult:
     def rewards(self) -> list[float]:
         return [t.reward for t in self.trajectories]
 
+    @property
+    def outages(self) -> list[Trajectory]:
+        return [t for t in self.trajectories if is_outage(t)]
+
+
+def is_outage(t: Trajectory) -> bool:
+    """A run stopped by an LM server that stayed unreachable (lm.openai.LMUnavailable), in the
+    program or in its metric: not the policy's doing, so never scored as a bad answer."""
+    return t.status == ERROR and t.error.startswith(("LMUnavailable:", "metric failed: LMUnavailable:"))
+
 
 def trajectory_seed(seed: int, example_id: str, sample_index: int) -> int:
     digest = hashlib.sha256(f"{seed}|{example_id}|{sample_index}".encode()).digest()
@@ -133,6 +143,7 @@ class EvalResult:
     counts: dict[str, int]
     seconds: float
     scores: list[float]
+    outages: int = 0  # runs stopped by an unreachable LM server (scored failure_score here)
 
     def __str__(self) -> str:
         return f"{self.mean:.3f} ± {self.ci95:.3f} (95% CI, n={self.n})"
@@ -158,4 +169,5 @@ def evaluate(program: Program, examples: Sequence[Example], metric: Metric, lm: 
                  format_failure_score=0.0, failure_score=0.0, progress=progress, desc=desc)
     scores = res.rewards
     m, ci = mean_ci(scores)
-    return EvalResult(mean=m, ci95=ci, n=len(scores), counts=res.counts, seconds=res.seconds, scores=scores)
+    return EvalResult(mean=m, ci95=ci, n=len(scores), counts=res.counts, seconds=res.seconds, scores=scores,
+                      outages=len(res.outages))

@@ -110,6 +110,24 @@ class TrainConfig:
     """Rollout batches hold one request of every running program, in a fixed order, so the
     sampled tokens do not depend on timing: on CPU the same seed gives the same run even on a
     busy machine. False starts a batch after 50 ms without waiting for every program."""
+    servers: list = field(default_factory=list)
+    """Policy servers that sample the rollouts and dev evaluations, e.g. ["http://127.0.0.1:8000/v1"]:
+    `vllm serve MODEL --enable-lora --logprobs-mode processed_logprobs` (with
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) or `mmgrpo serve --model MODEL`, serving the same base
+    model as [model] name. Empty: in-process. Requests are spread over the servers in turn; after
+    each update the adapter is written to `adapter_dir` and loaded on every server under a new name."""
+    server_model: str | None = None
+    """The base model's name on the servers; unset = the first model their /v1/models lists."""
+    adapter_dir: str | None = None
+    """A folder the servers can read, where each policy version's adapter is written; unset =
+    RUN/policy (fine when the servers share this machine's file system)."""
+    request_timeout_s: float = 300.0
+    """Seconds one request to a policy server may take."""
+    request_retries: int = 3
+    """Retries of a failed request (connection error, 429, 5xx), with exponential backoff from
+    `request_backoff_s`; then the step stops, resumable, with nothing trained on it."""
+    request_backoff_s: float = 1.0
+    """First backoff between retries, doubled after each."""
 
     # --- grouping and advantages --------------------------------------------------------
     grouping: str = "truncate"
@@ -247,7 +265,9 @@ SECTIONS: dict[str, dict[str, str]] = {
     "task": {"name": "task", "options": "task_options", "program": "program", "metric": "metric",
              "reward": "reward", "train": "train_data", "dev": "dev_data", "test": "test_data", "prompts": "prompts"},
     "rollout": {k: k for k in ("batch_examples", "group_size", "temperature", "top_p", "max_tokens", "concurrency",
-                               "format_failure_score", "failure_score", "max_error_rate", "deterministic")},
+                               "format_failure_score", "failure_score", "max_error_rate", "deterministic",
+                               "servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
+                               "request_backoff_s")},
     "grpo": {k: k for k in ("grouping", "group_level", "scale_rewards", "per_trajectory_norm", "loss_type", "epsilon",
                             "epsilon_high", "beta", "num_iterations", "tis_cap", "mismatch_tolerance",
                             "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
@@ -274,6 +294,8 @@ def from_dict(raw: dict, source: str = "config") -> TrainConfig:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
             raise ValueError(f"{source}: unknown key {key!r}{hint}")
+        if key == "servers" and isinstance(value, str):  # --set rollout.servers=URL1,URL2
+            value = raw[key] = [u.strip() for u in value.split(",") if u.strip()]
         if not _type_ok(value, hints[key]):
             raise ValueError(f"{source}: key {key!r} must be of type {hints[key]}, got {value!r}")
     return TrainConfig(**raw)

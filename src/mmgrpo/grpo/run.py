@@ -5,9 +5,11 @@ import json
 import random
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 from ..lm.base import SamplingParams
+from ..lm.openai import LMUnavailable
 from ..program import Example
 from ..rollout import evaluate, sample, trajectory_seed
 from ..runlog import RunDir, format_table, recover_dir
@@ -15,6 +17,11 @@ from ..trace import ERROR
 from .config import TrainConfig
 from .groups import assign_weights, compute_advantages, group_calls
 from .trainer import Trainer, write_latest
+
+
+# settings of where rollouts run, not of what is learned: a resumed run may change them (a server moved)
+WHERE_TO_SAMPLE = ("servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
+                   "request_backoff_s")
 
 
 class TrainingStopped(RuntimeError):
@@ -35,7 +42,8 @@ def batch_for_step(train: list[Example], step: int, size: int, seed: int) -> lis
 
 
 class MMGRPO:
-    """A run: the task's program, the backend, the trainer and the run folder."""
+    """A run: the task's program, the backend (the learner's model), the sampler (the backend
+    itself, or policy servers: cfg.servers), the trainer and the run folder."""
 
     def __init__(self, cfg: TrainConfig, task, program, backend, run: RunDir):
         self.cfg, self.task, self.program, self.backend, self.run = cfg, task, program, backend, run
@@ -43,10 +51,33 @@ class MMGRPO:
         self.trained = False  # set once fit has run: the adapter then belongs to the result
         self.best = {"dev": float("-inf"), "step": None}
         self.dev = task.dev[: cfg.eval_examples]
+        self.sampler = backend
+        if cfg.servers:
+            from ..lm.remote import RemotePolicy
+
+            self.sampler = RemotePolicy(cfg.servers, backend.tokenizer, cfg.server_model, cfg.request_timeout_s,
+                                        cfg.request_retries, cfg.request_backoff_s)
+        self._nonce = uuid.uuid4().hex[:8]  # adapter names stay new across resumes of this run
+
+    def push_policy(self, step: int) -> None:
+        """Remote sampling: the current adapter becomes policy version ``step`` on every server
+        (written atomically, loaded under a new name; the previous one unloaded and deleted)."""
+        if self.sampler is self.backend:
+            return
+        root = Path(self.cfg.adapter_dir) if self.cfg.adapter_dir else self.run.path / "policy"
+        name = f"{self.run.path.name}-v{step}-{self._nonce}"
+        self.trainer.save_adapter(root / name)
+        self.sampler.push(root / name, name, step)
+        for old in root.glob(f"{self.run.path.name}-v*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
 
     def evaluate(self, step: int, desc: str = "dev") -> dict:
-        res = evaluate(self.program, self.dev, self.task.metric, self.backend, concurrency=self.cfg.concurrency,
+        res = evaluate(self.program, self.dev, self.task.metric, self.sampler, concurrency=self.cfg.concurrency,
                        seed=self.cfg.seed, progress=self.cfg.progress, desc=f"{desc} (step {step})")
+        if res.outages:
+            raise TrainingStopped(f"{desc} evaluation at step {step}: {res.outages} of {res.n} runs could not "
+                                  f"reach an LM server; no dev score was recorded.")
         rec = {"step": step, "dev": res.mean, "dev_ci95": res.ci95, "dev_n": res.n, "dev_counts": res.counts,
                "eval_s": res.seconds}
         self.run.log(rec, "dev.jsonl")
@@ -59,10 +90,14 @@ class MMGRPO:
         cfg = self.cfg
         batch = batch_for_step(self.task.train, step, cfg.batch_examples, cfg.seed)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
-        roll = sample(self.program, batch, self.task.reward, self.backend, n_samples=cfg.group_size, params=params,
+        roll = sample(self.program, batch, self.task.reward, self.sampler, n_samples=cfg.group_size, params=params,
                       concurrency=cfg.concurrency, seed=trajectory_seed(cfg.seed, "step", step),
                       format_failure_score=cfg.format_failure_score, failure_score=cfg.failure_score,
                       progress=False)
+        if roll.outages:  # an outage is not a bad answer: train on none of this step
+            raise TrainingStopped(f"step {step}: {len(roll.outages)} of {len(roll.trajectories)} rollouts could not "
+                                  f"reach an LM server; nothing was trained on this step. First: "
+                                  f"{roll.outages[0].error.splitlines()[0]}. Bring the server back and resume.")
         errors = [t.error for t in roll.trajectories if t.status == ERROR]
         if len(errors) > cfg.max_error_rate * len(roll.trajectories):
             first = max(sorted({e.splitlines()[0] for e in errors}), key=lambda e: sum(x.startswith(e) for x in errors))
@@ -75,6 +110,7 @@ class MMGRPO:
         assign_weights(grouping, cfg.per_trajectory_norm)
         upd = self.trainer.update(grouping) if grouping.groups else {"updated": False}
         self.trainer.finish_step()
+        versions = sorted({c.policy_version for t in roll.trajectories for c in t.calls})
         # rewards of the trajectories trained on: an error's score is not the model's
         rewards = [t.reward for t in roll.trajectories if t.status != ERROR] or [0.0]
         mean = sum(rewards) / len(rewards)
@@ -82,7 +118,7 @@ class MMGRPO:
                 "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
                 **{f"n_{k}": v for k, v in roll.counts.items()}, **grouping.counts(),
                 "lm_calls": roll.lm_calls, "completion_tokens": roll.completion_tokens,
-                "rollout_s": roll.seconds, **upd}
+                "policy_versions": versions, "rollout_s": roll.seconds, **upd}
 
     def checkpoint(self, step: int) -> None:
         ck = self.run.path / "checkpoints"
@@ -139,8 +175,8 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
             raise FileNotFoundError(f"{resume} is not a run folder (no config.json)")
         saved = run.read_json("config.json")["config"]
         want = json.loads(json.dumps(cfg.to_dict()))
-        if saved != want:
-            diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k))
+        diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k) and k not in WHERE_TO_SAMPLE)
+        if diff:
             raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}")
     else:
         run = RunDir(path) if path else RunDir.new(cfg.out, cfg.name)
@@ -160,6 +196,7 @@ def fit(job: MMGRPO) -> dict:
 
     cfg = job.cfg
     start = job.resume()
+    job.push_policy(start)
     if start == 0:
         job.evaluate(0, "baseline")
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="mmGRPO", initial=start, total=cfg.steps,
@@ -174,8 +211,17 @@ def fit(job: MMGRPO) -> dict:
             done = f"steps 1-{step - 1} are saved" if step > 1 else "no step had finished"
             raise TrainingStopped(f"{exc} {done.capitalize()}; continue with "
                                   f"`mmgrpo train ... --resume {job.run.path}`.") from exc
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            rec.update({k: v for k, v in job.evaluate(step).items() if k != "step"})
+        try:
+            if rec["updated"]:
+                job.push_policy(step)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                rec.update({k: v for k, v in job.evaluate(step).items() if k != "step"})
+        except (TrainingStopped, LMUnavailable) as exc:  # the step is trained: keep it, without its dev score
+            job.run.log({**rec, "dev_skipped": "outage"})
+            job.checkpoint(step)
+            bar.close()
+            raise TrainingStopped(f"{exc} Steps 1-{step} are saved; continue with "
+                                  f"`mmgrpo train ... --resume {job.run.path}`.") from exc
         job.run.log(rec)
         bar.set_postfix(reward=f"{rec['reward_mean']:.2f}", groups=rec["groups_used"],
                         dev=f"{rec.get('dev', float('nan')):.2f}")

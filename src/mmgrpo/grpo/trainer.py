@@ -55,7 +55,7 @@ class Trainer:
                           target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
         with backend.lock:
             self.model = get_peft_model(backend.model, lora)  # injects into backend.model in place
-            backend.adapter_off = self.model.disable_adapter  # the backend's frozen view
+            backend.peft = self.model  # the backend's frozen view switches it off
             backend.weights_changed()
         attn = getattr(self.model.config, "_attn_implementation", "sdpa")
         if cfg.shared_prefix and attn not in ("sdpa", "eager"):

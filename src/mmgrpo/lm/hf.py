@@ -10,6 +10,10 @@ flip when the machine is busy. In deterministic mode (the default) a batch is la
 when every program thread declared with ``clients`` is waiting on this backend, and its rows
 are put in a fixed order: the batches are then a function of the programs alone, not of timing.
 Otherwise (``deterministic=False``, e.g. a server) a batch starts after ``max_wait_s``.
+
+Adapters. ``peft`` is the PeftModel injected into ``model`` (by the trainer, a loaded result,
+or ``add_adapter``). Each request names a variant: None (the model as it is), ``BASE`` (adapter
+switched off) or a loaded adapter's name; a batch runs one variant at a time.
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from .base import Completion, SamplingParams
+from .remote import chat_prompt_ids
+
+BASE = "<base>"  # a request's variant: the base model, every adapter off
 
 
 @dataclass
@@ -30,11 +37,12 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     future: Future
-    base: bool = False  # served with the adapter switched off (see HFBackend.frozen)
+    adapter: str | None = None  # None, BASE or an adapter name (see HFBackend._variant)
 
     def order(self) -> tuple:
         p = self.params
-        return (self.base, p.seed is None, p.seed or 0, p.temperature, p.max_tokens, self.prompt_ids)
+        return (self.adapter is not None, self.adapter or "", p.seed is None, p.seed or 0, p.temperature,
+                p.max_tokens, self.prompt_ids)
 
 
 class Clients:
@@ -57,8 +65,8 @@ class HFBackend:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.deterministic = deterministic
-        # set by the trainer when it injects an adapter: a context that switches it off
-        self.adapter_off = nullcontext
+        self.peft = None  # the PeftModel injected into model, once there is one
+        self._plain = False  # True when adapters were added to a plain model: None then means BASE
         self.device = device or next(model.parameters()).device
         self.lock = threading.RLock()  # held while generating; the trainer holds it to update
         self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefix_hits": 0}
@@ -90,22 +98,21 @@ class HFBackend:
 
     # ---- public API -------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def chat(self, messages: list[dict], params: SamplingParams) -> Completion:
         return self.complete(self.tokenize_chat(messages), params)
 
-    def complete(self, prompt_ids: list[int], params: SamplingParams, base: bool = False) -> Completion:
+    def complete(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Completion:
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to complete")
+        if adapter not in (None, BASE) and adapter not in self.adapters():
+            raise KeyError(f"no adapter {adapter!r} is loaded (loaded: {self.adapters()})")
         fut: Future = Future()
         with self._cv:
             if self._closed:
                 raise RuntimeError("this backend was closed; load a new one")
-            self._pending.append(_Request(list(prompt_ids), params, fut, base))
+            self._pending.append(_Request(list(prompt_ids), params, fut, adapter))
             self._cv.notify_all()
         return fut.result()
 
@@ -113,6 +120,51 @@ class HFBackend:
         """The same model with the adapter switched off: a fixed LM (a judge, an outside LM)
         that costs no second copy of the weights and batches with the policy's requests."""
         return FrozenView(self)
+
+    # ---- adapters ---------------------------------------------------------------------
+    def adapter_off(self):
+        """A context with every adapter switched off (the reference / frozen base model)."""
+        return self.peft.disable_adapter() if self.peft is not None else nullcontext()
+
+    def adapters(self) -> list[str]:
+        return list(self.peft.peft_config) if self.peft is not None and self._plain else []
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Load a PEFT adapter folder as a named variant (the serving side of a policy push)."""
+        from peft import PeftModel
+
+        if name in (BASE, "") or name in self.adapters():
+            raise ValueError(f"an adapter named {name!r} is already loaded" if name else "an adapter needs a name")
+        with self.lock:
+            if self.peft is None:
+                self.peft, self._plain = PeftModel.from_pretrained(self.model, path, adapter_name=name), True
+            elif not self._plain:
+                raise ValueError("this backend holds a trained or served adapter already; named adapters are "
+                                 "loaded on a plain model (mmgrpo serve --model, without --run)")
+            else:
+                self.peft.load_adapter(path, adapter_name=name)
+            self.peft.eval()
+            self._prefix_cache.clear()
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.adapters():
+            raise KeyError(f"no adapter {name!r} is loaded (loaded: {self.adapters()})")
+        with self.lock:
+            self.peft.delete_adapter(name)
+            self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] != name}
+
+    @contextmanager
+    def _variant(self, adapter: str | None):
+        if adapter is None and self._plain:
+            adapter = BASE
+        if adapter is None or (adapter == BASE and self.peft is None):
+            yield
+        elif adapter == BASE:
+            with self.peft.disable_adapter():
+                yield
+        else:
+            self.peft.set_adapter(adapter)
+            yield
 
     @contextmanager
     def clients(self, n: int = 1):
@@ -165,12 +217,11 @@ class HFBackend:
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            for base in (False, True):  # policy rows, then rows for the frozen base model
-                part = [r for r in batch if r.base == base]
-                if not part:
-                    continue
+            variants = list(dict.fromkeys(r.adapter for r in batch))  # in the batch's (sorted) order
+            for adapter in variants:
+                part = [r for r in batch if r.adapter == adapter]
                 try:
-                    results = self.generate_batch([r.prompt_ids for r in part], [r.params for r in part], base=base)
+                    results = self.generate_batch([r.prompt_ids for r in part], [r.params for r in part], adapter)
                     for r, res in zip(part, results):
                         r.future.set_result(res)
                 except BaseException as exc:  # noqa: BLE001 - delivered to every waiting caller
@@ -180,12 +231,12 @@ class HFBackend:
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], params: list[SamplingParams],
-                       base: bool = False) -> list[Completion]:
-        with self.lock, (self.adapter_off() if base else nullcontext()):
+                       adapter: str | None = None) -> list[Completion]:
+        with self.lock, self._variant(adapter):
             was_training = self.model.training
             self.model.eval()
             try:
-                return self._decode(prompts, params, base)
+                return self._decode(prompts, params, adapter)
             finally:
                 if was_training:
                     self.model.train()
@@ -196,12 +247,12 @@ class HFBackend:
             self._prefix_cache.clear()
             self.version += 1
 
-    def _prefix_kv(self, prefix: list[int], base: bool):
+    def _prefix_kv(self, prefix: list[int], adapter: str | None):
         """Per-layer (keys, values) of a shared prompt prefix, computed once and kept (LRU);
-        keyed by ``base`` too, since the frozen view computes it with the adapter off."""
+        keyed by the variant too, since each adapter computes its own."""
         from transformers import DynamicCache
 
-        key = (base, tuple(prefix))
+        key = (adapter, tuple(prefix))
         if key in self._prefix_cache:
             self._prefix_cache[key] = self._prefix_cache.pop(key)  # most recent last
             self.stats["prefix_hits"] += 1
@@ -215,7 +266,7 @@ class HFBackend:
             self._prefix_cache.pop(next(iter(self._prefix_cache)))
         return kv
 
-    def _prefill(self, prompts, max_new: int, base: bool):
+    def _prefill(self, prompts, max_new: int, adapter: str | None):
         """Build the batch's cache and last-token logits.
 
         A prefix shared by all rows is computed once (and kept across batches). The rest of
@@ -230,7 +281,7 @@ class HFBackend:
         P = min(P, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 token to produce logits
         if P < self.min_prefix:
             P = 0
-        prefix = self._prefix_kv(prompts[0][:P], base) if P else None
+        prefix = self._prefix_kv(prompts[0][:P], adapter) if P else None
         lens = [len(p) - P for p in prompts]
         S = max(lens)
         mask = torch.zeros((B, P + S + max_new), dtype=torch.long, device=self.device)
@@ -279,7 +330,7 @@ class HFBackend:
             cache.update(full_k[li], full_v[li], li)
         return torch.stack(logits), cache, mask, last_pos, P + S
 
-    def _decode(self, prompts, params, base: bool = False) -> list[Completion]:
+    def _decode(self, prompts, params, adapter: str | None = None) -> list[Completion]:
         B = len(prompts)
         gens = []
         for p in params:
@@ -289,7 +340,7 @@ class HFBackend:
         # log-probs under the distribution each token is drawn from: softmax(logits / T)
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
         max_new = max(p.max_tokens for p in params)
-        logits, cache, mask, last_pos, col = self._prefill(prompts, max_new, base)
+        logits, cache, mask, last_pos, col = self._prefill(prompts, max_new, adapter)
         toks: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         done = [False] * B
@@ -378,4 +429,4 @@ class FrozenView:
         return self.complete(self.backend.tokenize_chat(messages), params)
 
     def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        return self.backend.complete(prompt_ids, params, base=True)
+        return self.backend.complete(prompt_ids, params, adapter=BASE)
