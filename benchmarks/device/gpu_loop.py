@@ -45,12 +45,14 @@ def short(example, pred) -> float:  # no meaning: it varies across samples even 
     return float(len(pred["answer"]) % 2 == 0)  # so groups have signal and the updates run
 
 
-def make_model(shape: str, folder: Path) -> None:
+def make_model(shape: str, folder: Path, tokenizer: str | None = None) -> None:
+    """A random model of ``shape`` with the embedded model's tokenizer (or a folder holding its
+    tokenizer files: the lent machine has no copy of the embedded model)."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from mmgrpo.models import resolve
 
-    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    tok = AutoTokenizer.from_pretrained(tokenizer or resolve("smollm2-135m"))
     torch.manual_seed(0)
     cfg = Qwen2Config(**SHAPES[shape], vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -61,11 +63,12 @@ def make_model(shape: str, folder: Path) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--tokenizer", default=None, help="a folder with the SmolLM2 tokenizer files")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     root = Path(tempfile.mkdtemp(prefix="mmgrpo-gpu-loop-"))
     t0 = time.perf_counter()
-    make_model("tiny" if args.tiny else "0.5b", root / "model")
+    make_model("tiny" if args.tiny else "0.5b", root / "model", args.tokenizer)
     rows = [{"topic": t} for t in ("rain", "bread", "rivers", "night", "snow", "bells", "coffee", "wind")]
     config = {"rollout": {"batch_examples": 4, "group_size": 8, "temperature": 1.0, "max_tokens": 16},
               "run": {"steps": 3, "eval_every": 1, "eval_examples": 4, "checkpoint_every": 1, "keep_checkpoints": 3,

@@ -5,6 +5,7 @@ import json
 import random
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -212,8 +213,10 @@ def fit(job: MMGRPO) -> dict:
             raise TrainingStopped(f"{exc} {done.capitalize()}; continue with "
                                   f"`mmgrpo train ... --resume {job.run.path}`.") from exc
         try:
-            if rec["updated"]:
+            if rec["updated"] and job.sampler is not job.backend:
+                t0 = time.perf_counter()
                 job.push_policy(step)
+                rec["push_s"] = time.perf_counter() - t0
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 rec.update({k: v for k, v in job.evaluate(step).items() if k != "step"})
         except (TrainingStopped, LMUnavailable) as exc:  # the step is trained: keep it, without its dev score
