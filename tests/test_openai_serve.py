@@ -37,7 +37,7 @@ def test_completions_endpoint_returns_token_ids_and_logprobs(server, lm):
                                                  "logprobs": 1, "return_token_ids": True})
     choice = body["choices"][0]
     assert len(choice["token_ids"]) == len(choice["logprobs"]["token_logprobs"]) > 0
-    bad = client_post(server + "/completions", {"prompt": "text, not ids"}, expect_error=True)
+    bad = client_post(server + "/completions", {"prompt": [1.5, "x"]}, expect_error=True)
     assert bad == 400
 
 
