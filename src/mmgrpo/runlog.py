@@ -1,6 +1,7 @@
 """The run folder: config, metrics.jsonl, checkpoints, report. Every write is atomic."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -90,6 +91,44 @@ class RunDir:
         """On resume, forget lines written after the checkpoint we resume from."""
         rows = [r for r in self.read_log(name) if r.get("step", 0) <= keep_steps_upto]
         atomic_write(self.path / name, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """sha256 and size of every file of a finished folder, so that a torn or altered checkpoint
+    is detected on resume instead of loaded."""
+    files = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            files[f.relative_to(folder).as_posix()] = {"sha256": _sha256(f), "size": f.stat().st_size}
+    write_json(folder / MANIFEST, {"files": files})
+
+
+def verify_manifest(folder: Path) -> str | None:
+    """None if every file of the manifest is there with its size and hash, else what is wrong."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{folder / MANIFEST}: unreadable ({type(exc).__name__}: {exc})"
+    for name, want in sorted(files.items()):
+        f = folder / name
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != want["size"]:
+            return f"{f}: {f.stat().st_size} bytes, the manifest says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{f}: content differs from the manifest (sha256)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def publish_dir(tmp: Path, folder: Path) -> None:

@@ -166,6 +166,9 @@ class TrainConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping (global norm)."""
+    max_nonfinite_steps: int = 3
+    """An update whose loss or gradient norm is not finite is skipped (weights and optimizer state
+    unchanged, logged as nonfinite_skipped); this many in a row stop the run (resumable)."""
     shared_prefix: bool = True
     """Pack each prompt once with all its completions after it (block attention mask) instead
     of one padded sequence per completion: same loss and gradients, far fewer tokens."""
@@ -270,7 +273,7 @@ SECTIONS: dict[str, dict[str, str]] = {
                                "request_backoff_s")},
     "grpo": {k: k for k in ("grouping", "group_level", "scale_rewards", "per_trajectory_norm", "loss_type", "epsilon",
                             "epsilon_high", "beta", "num_iterations", "tis_cap", "mismatch_tolerance",
-                            "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+                            "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "max_nonfinite_steps",
                             "shared_prefix", "pack_tokens", "token_budget", "lora_r", "lora_alpha", "lora_dropout",
                             "lora_targets", "train_with_demos")},
     "prompts": {"optimizer": "prompt_optimizer", "candidates": "prompt_candidates", "max_demos": "prompt_max_demos",

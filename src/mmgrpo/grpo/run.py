@@ -13,7 +13,7 @@ from ..lm.base import SamplingParams
 from ..lm.openai import LMUnavailable
 from ..program import Example
 from ..rollout import evaluate, sample, trajectory_seed
-from ..runlog import RunDir, format_table, recover_dir
+from ..runlog import MANIFEST, RunDir, format_table, recover_dir, verify_manifest
 from ..trace import ERROR
 from .config import TrainConfig
 from .groups import assign_weights, compute_advantages, group_calls
@@ -58,7 +58,8 @@ class MMGRPO:
 
             self.sampler = RemotePolicy(cfg.servers, backend.tokenizer, cfg.server_model, cfg.request_timeout_s,
                                         cfg.request_retries, cfg.request_backoff_s)
-        self._nonce = uuid.uuid4().hex[:8]  # adapter names stay new across resumes of this run
+        self._nonce = uuid.uuid4().hex[:8]
+        self.nonfinite = 0  # skipped non-finite updates in a row  # adapter names stay new across resumes of this run
 
     def push_policy(self, step: int) -> None:
         """Remote sampling: the current adapter becomes policy version ``step`` on every server
@@ -110,6 +111,12 @@ class MMGRPO:
         compute_advantages(grouping, cfg.scale_rewards)
         assign_weights(grouping, cfg.per_trajectory_norm)
         upd = self.trainer.update(grouping) if grouping.groups else {"updated": False}
+        self.nonfinite = self.nonfinite + 1 if upd.get("nonfinite_skipped") else 0 if upd["updated"] else self.nonfinite
+        if self.nonfinite >= cfg.max_nonfinite_steps:
+            raise TrainingStopped(f"step {step}: {self.nonfinite} updates in a row had a non-finite loss or gradient "
+                                  f"norm and were skipped (max_nonfinite_steps = {cfg.max_nonfinite_steps}); the "
+                                  f"weights are those before them. Lower grpo.learning_rate or check the rewards, "
+                                  f"then resume.")
         self.trainer.finish_step()
         versions = sorted({c.policy_version for t in roll.trajectories for c in t.calls})
         # rewards of the trajectories trained on: an error's score is not the model's
@@ -124,8 +131,14 @@ class MMGRPO:
     def checkpoint(self, step: int) -> None:
         ck = self.run.path / "checkpoints"
         name = f"step-{step:06d}"
-        self.trainer.save(ck / name, {"best": self.best})
-        write_latest(self.run.path, name)
+        try:
+            self.trainer.save(ck / name, {"best": self.best})
+            write_latest(self.run.path, name)
+        except OSError as exc:  # a full or failing disk: what was saved before stays intact
+            prev = (ck / "latest").read_text().strip() if (ck / "latest").exists() else "none"
+            raise TrainingStopped(f"writing checkpoint {name} failed ({type(exc).__name__}: {exc}); the previous "
+                                  f"checkpoint ({prev}) is intact. Free space (or fix the disk) and continue with "
+                                  f"`mmgrpo train ... --resume {self.run.path}`.") from exc
         steps = sorted(p for p in ck.glob("step-*") if p.is_dir())
         for old in steps[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -138,13 +151,35 @@ class MMGRPO:
             self.run.truncate_log(-1)
             self.run.truncate_log(-1, "dev.jsonl")
             return 0
-        name = latest.read_text().strip()
-        recover_dir(self.run.path / "checkpoints" / name)
+        name = self.intact_checkpoint(latest.read_text().strip())
         state = self.trainer.load(self.run.path / "checkpoints" / name)
         self.best = state["best"]
         self.run.truncate_log(state["step"])
         self.run.truncate_log(state["step"], "dev.jsonl")
         return state["step"]
+
+
+    def intact_checkpoint(self, latest: str) -> str:
+        """``latest``, or the newest earlier checkpoint whose files match its manifest (a damaged
+        one is named on stderr and never loaded); none intact is an error."""
+        ck = self.run.path / "checkpoints"
+        for p in ck.glob("step-*"):
+            recover_dir(p)
+        recover_dir(ck / latest)
+        names = [latest] + sorted((p.name for p in ck.glob("step-*") if p.is_dir() and p.name < latest), reverse=True)
+        problems = []
+        for name in names:
+            folder = ck / name
+            problem = (f"{folder}: missing" if not folder.is_dir() else
+                       verify_manifest(folder) if (folder / MANIFEST).exists() else None)  # None: before manifests
+            if problem is None:
+                if name != latest:
+                    write_latest(self.run.path, name)
+                return name
+            problems.append(problem)
+            print(f"mmgrpo: checkpoint {name} is damaged, not loaded: {problem}", file=sys.stderr)
+        raise RuntimeError(f"no intact checkpoint in {ck} ({'; '.join(problems)}); restore the files, or start "
+                           f"the run again without --resume")
 
 
 def _load_program(cfg: TrainConfig, task):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..runlog import atomic_write, publish_dir, write_json
+from ..runlog import atomic_write, publish_dir, write_json, write_manifest
 from .config import TrainConfig
 from .groups import Grouping
 from .loss import grpo_loss, sequence_coefficients, token_logprobs
@@ -157,9 +157,11 @@ class Trainer:
         stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0,
                  "ratio_dev": 0.0, "tis_sum": 0.0}
         self.model.train()
+        nonfinite = False
         with self.backend.lock:
             for it in range(cfg.num_iterations):
                 self.opt.zero_grad(set_to_none=True)
+                it_loss = 0.0
                 for mb in batches:
                     seqs = [all_seqs[i] for i in mb]
                     logp, mask = self.logprobs(seqs, [temps[i] for i in mb])
@@ -186,6 +188,7 @@ class Trainer:
                                     mask, torch.tensor([coefs[i] for i in mb], device=dev), cfg.epsilon,
                                     cfg.epsilon_high, cfg.beta, ref, isw)
                     out.loss.backward()
+                    it_loss += float(out.loss.detach())
                     if it == cfg.num_iterations - 1:
                         stats["loss"] += float(out.loss.detach())
                         stats["clipped"] += out.clipped_tokens
@@ -195,11 +198,18 @@ class Trainer:
                         if isw is not None:
                             stats["tis_sum"] += float((isw * mask).sum())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                if not (math.isfinite(grad_norm) and math.isfinite(it_loss)):  # skip: the weights stay as they are
+                    self.opt.zero_grad(set_to_none=True)
+                    nonfinite = True
+                    break
                 self.opt.step()
             self.backend.weights_changed()
         self.model.eval()
         n_tok = max(stats["tokens"], 1.0)
         mismatch = stats["mismatch_sum"] / n_tok
+        if nonfinite:
+            return {"updated": False, "nonfinite_skipped": True, "loss": it_loss, "grad_norm": grad_norm,
+                    "update_s": time.perf_counter() - t0}
         return {"updated": True, "loss": stats["loss"], "clip_frac": stats["clipped"] / n_tok,
                 "kl": stats["kl"] / n_tok, "grad_norm": grad_norm, "lr": self.sched.get_last_lr()[0],
                 "ratio_dev": stats["ratio_dev"] / n_tok,
@@ -217,12 +227,22 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------
     def save(self, folder: str | Path, extra: dict) -> Path:
-        """Adapter (PEFT safetensors) + optimizer + scheduler + RNG + extra state, atomically."""
-        from safetensors.torch import save_file
-
+        """Adapter (PEFT safetensors) + optimizer + scheduler + RNG + extra state + a manifest of
+        their hashes, atomically."""
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._write(tmp, extra)
+            publish_dir(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing half-done behind
+            raise
+        return folder
+
+    def _write(self, tmp: Path, extra: dict) -> None:
+        from safetensors.torch import save_file
+
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
         opt = self.opt.state_dict()
@@ -238,8 +258,7 @@ class Trainer:
         state = {"step": self.step, "param_groups": opt["param_groups"], "opt_scalars": scalars,
                  "scheduler": self.sched.state_dict(), "rng_python": random.getstate(), **extra}
         write_json(tmp / "trainer_state.json", state)
-        publish_dir(tmp, folder)
-        return folder
+        write_manifest(tmp)
 
     def load(self, folder: str | Path) -> dict:
         from safetensors.torch import load_file

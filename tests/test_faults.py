@@ -1,0 +1,123 @@
+"""Faults that must not lose a run: damaged checkpoints, a failing disk, non-finite updates."""
+from __future__ import annotations
+
+import errno
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from toy import toy_task  # noqa: E402
+
+from mmgrpo.grpo import trainer as trainer_mod  # noqa: E402
+from mmgrpo.grpo.config import TrainConfig  # noqa: E402
+from mmgrpo.grpo.groups import Group, Grouping, Member  # noqa: E402
+from mmgrpo.grpo.run import MMGRPO, TrainingStopped  # noqa: E402
+from mmgrpo.lm.hf import HFBackend  # noqa: E402
+from mmgrpo.runlog import RunDir, verify_manifest  # noqa: E402
+from mmgrpo.trace import ModuleCall  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def backend():
+    b = HFBackend.load()
+    yield b
+    b.close()
+
+
+def make_job(backend, folder, **kw) -> MMGRPO:
+    cfg = TrainConfig(task="toy", steps=4, keep_checkpoints=3, progress=False, learning_rate=1e-3, **kw)
+    task = toy_task()
+    if backend.peft is not None:  # a job of an earlier test injected its adapter: start it afresh
+        backend.model = backend.peft.unload()
+        backend.peft = None
+    return MMGRPO(cfg, task, task.make_program(), backend, RunDir(folder))
+
+
+def grouping(backend) -> Grouping:
+    prompt = backend.tokenize_chat([{"role": "user", "content": "Say a word."}])
+    members = []
+    for k, reply in enumerate(["Yes.", "No, never.", "Maybe so.", "Fine."]):
+        ids = backend.tokenizer(reply, add_special_tokens=False)["input_ids"]
+        call = ModuleCall("m", 0, prompt, ids, [-1.0] * len(ids), reply)
+        members.append(Member(call, reward=float(k % 2), trajectory=k, advantage=(-1.0) ** k))
+    return Grouping(groups=[Group("e0", "m", 0, members)])
+
+
+def adapter_state(job) -> dict:
+    return {n: p.detach().clone() for n, p in job.trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_a_damaged_checkpoint_is_named_and_skipped_never_loaded(backend, tmp_path, capsys):
+    job = make_job(backend, tmp_path / "run")
+    job.trainer.update(grouping(backend))
+    job.trainer.finish_step()
+    job.checkpoint(1)
+    job.trainer.update(grouping(backend))
+    job.trainer.finish_step()
+    job.checkpoint(2)
+    ck = tmp_path / "run" / "checkpoints"
+    assert verify_manifest(ck / "step-000002") is None
+    # flip bytes in the newest adapter: same size, other content
+    f = ck / "step-000002" / "adapter_model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-8:] = bytes(255 - b for b in raw[-8:])
+    f.write_bytes(bytes(raw))
+    job2 = make_job(backend, tmp_path / "run")
+    assert job2.resume() == 1
+    err = capsys.readouterr().err
+    assert "checkpoint step-000002 is damaged" in err and "adapter_model.safetensors" in err
+    assert (ck / "latest").read_text().strip() == "step-000001"
+    # a truncated file in the only other checkpoint: nothing intact is a clear error
+    g = ck / "step-000001" / "optimizer.safetensors"
+    g.write_bytes(g.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="no intact checkpoint"):
+        make_job(backend, tmp_path / "run").resume()
+
+
+def test_a_disk_error_while_checkpointing_keeps_the_previous_checkpoint(backend, tmp_path, monkeypatch):
+    job = make_job(backend, tmp_path / "run")
+    job.checkpoint(1)
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(TrainingStopped, match=r"No space left.*previous checkpoint \(step-000001\) is intact"):
+        job.checkpoint(2)
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step-000001"]  # no temp folder left
+    assert (ck / "latest").read_text().strip() == "step-000001" and verify_manifest(ck / "step-000001") is None
+
+
+def test_non_finite_updates_are_skipped_counted_and_stop_the_run_in_a_row(backend, tmp_path, monkeypatch):
+    job = make_job(backend, tmp_path / "run", max_nonfinite_steps=2)
+    before = adapter_state(job)
+    ok = job.trainer.update(grouping(backend))
+    assert ok["updated"] and any(not torch.equal(before[n], p) for n, p in adapter_state(job).items())
+    after_good = adapter_state(job)
+    real_loss = trainer_mod.grpo_loss
+
+    def nan_loss(*a, **k):
+        out = real_loss(*a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod, "grpo_loss", nan_loss)
+    skipped = job.trainer.update(grouping(backend))
+    assert skipped["updated"] is False and skipped["nonfinite_skipped"] is True
+    assert all(torch.equal(after_good[n], p) for n, p in adapter_state(job).items())  # weights unchanged
+    # in the loop: one skipped step is logged and counted, the second in a row stops the run
+    from mmgrpo.grpo import run as run_mod
+
+    job.cfg.batch_examples, job.cfg.group_size, job.cfg.max_tokens = 1, 2, 8
+    monkeypatch.setattr(run_mod, "group_calls", lambda *a: grouping(backend))  # groups whatever was sampled
+    rec = job.train_step(1)
+    assert rec["nonfinite_skipped"] and job.nonfinite == 1
+    with pytest.raises(TrainingStopped, match="2 updates in a row had a non-finite loss"):
+        job.train_step(2)
