@@ -29,8 +29,9 @@ def optimize(program: Program, train: Sequence[Any], dev: Sequence[Any], metric:
     """
     from .tasks.custom import program_task
 
-    args = {"run": {"strategy": strategy}, "model": {"name": model}}  # the arguments win over config
     defaults = {"run": {"name": type(program).__name__.lower()}}
+    program, metric, reward, input_fields = _adopt(program, metric, reward, input_fields)
+    args = {"run": {"strategy": strategy}, "model": {"name": model}}  # the arguments win over config
     if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
         cfg = load_config(config, defaults_sections=defaults, sections=args)
     else:
@@ -44,11 +45,27 @@ def optimize(program: Program, train: Sequence[Any], dev: Sequence[Any], metric:
     return out
 
 
+def _adopt(program, metric, reward, input_fields):
+    """A dspy.Module becomes a DSPyProgram, and its DSPy-style metrics (example, prediction,
+    trace=None) mmgrpo metrics; anything else passes through."""
+    from .data import as_program, is_dspy_module
+
+    if not is_dspy_module(program):
+        return program, metric, reward, input_fields
+    from .integrations.dspy import dspy_metric
+
+    wrapped = as_program(program)
+    return (wrapped, dspy_metric(metric), dspy_metric(reward) if reward else None,
+            input_fields or wrapped.input_fields)
+
+
 def load(folder: str, program: Program | None = None, device: str = "auto", dtype: str = "auto",
          metric: Callable | None = None) -> OptimizedProgram:
     """A saved result (``result.save`` or a run's ``result/``), ready to call and evaluate."""
+    from .data import as_program
     from .result import load as load_result
 
+    program = as_program(program) if program is not None else None
     return load_result(folder, program=program, device=device, dtype=dtype, metric=metric)
 
 

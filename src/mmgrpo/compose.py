@@ -21,12 +21,14 @@ STEPS = ("prompts", *PROMPT_STEPS, "weights")
 
 
 def parse_strategy(text: str) -> list[str]:
-    steps = [s.strip().lower() for s in text.split("->")]
+    """Step names in order; ``dspy.<Optimizer>`` steps (DSPy programs) keep their case."""
+    steps = [s.strip() if s.strip().lower().startswith("dspy.") else s.strip().lower() for s in text.split("->")]
     if not text.strip() or any(not s for s in steps):
         raise ValueError(f"strategy {text!r} is empty or has an empty step; write e.g. 'prompts -> weights'")
-    unknown = [s for s in steps if s not in STEPS]
+    unknown = [s for s in steps if s not in STEPS and not s.startswith("dspy.")]
     if unknown:
-        raise ValueError(f"strategy {text!r} names unknown step(s) {unknown}; known steps: {', '.join(STEPS)}")
+        raise ValueError(f"strategy {text!r} names unknown step(s) {unknown}; known steps: {', '.join(STEPS)}, "
+                         f"and for DSPy programs dspy.<Optimizer> (e.g. dspy.MIPROv2)")
     if steps.count("weights") > 1:
         raise ValueError(f"strategy {text!r}: 'weights' may appear once (one adapter, one training run)")
     return steps
@@ -43,6 +45,13 @@ def proposer_lm(cfg: TrainConfig, policy):
 def optimize_prompts(job: MMGRPO, kind: str):
     """Run one prompt optimizer on the job's program (it is left holding the best prompts)."""
     cfg, task, program, lm = job.cfg, job.task, job.program, job.backend
+    if kind.startswith("dspy."):
+        from .integrations.dspy import compile_step
+
+        return compile_step(job, kind)
+    if not program.named_modules():
+        raise ValueError(f"prompt step {kind!r} edits mmgrpo Modules and this program has none (a DSPy program? "
+                         f"use DSPy's optimizers as steps: dspy.BootstrapFewShot, dspy.MIPROv2, dspy.GEPA)")
     train = task.train[: cfg.prompt_train_examples]
     if kind == "bootstrap":
         from .optimizers.bootstrap import random_search
@@ -88,7 +97,8 @@ def result_of(job: MMGRPO, scores: dict | None = None):
     info = {"model": cfg.model, "strategy": cfg.strategy, "config": cfg.to_dict(), "scores": scores or {},
             "task": None if custom else cfg.task, "task_options": {} if custom else cfg.task_options,
             "program": cfg.program or (spec_of(job.program) if custom else None),
-            "metric": cfg.metric or (spec_of(task.metric) if custom else None), "task_settings": task.settings}
+            "metric": cfg.metric or (spec_of(task.metric) if custom else None), "task_settings": task.settings,
+            "metric_style": "dspy" if getattr(task.metric, "dspy_metric", None) else "mmgrpo"}
     return OptimizedProgram(job.program, job.backend, job.trainer.model if job.trained else None, info,
                             task.metric)
 
@@ -99,7 +109,7 @@ def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) 
     job = job or build(cfg, resume)
     out: dict = {"strategy": steps, "steps": []}
     for i, step in enumerate(steps):
-        if step in PROMPT_STEPS:
+        if step in PROMPT_STEPS or step.startswith("dspy."):
             s = prompts_step(job, i, step)
             print(f"{step}: best dev {s['best_dev']:.3f} over {len(s['trials'])} candidates "
                   f"(demo pool per module: {s['pool_sizes']})")

@@ -17,6 +17,8 @@ from .program import Example, Program
 
 def program_inputs(program: Any) -> list[str] | None:
     """The named parameters of the program's forward (None when it takes **kwargs only)."""
+    if getattr(program, "input_fields", None):  # a wrapper that knows its program's inputs
+        return list(program.input_fields)
     fn = getattr(program, "forward", None) or program
     try:
         params = inspect.signature(fn).parameters.values()
@@ -29,6 +31,18 @@ def program_inputs(program: Any) -> list[str] | None:
 def to_example(row: Any, input_fields: Sequence[str] | None, where: str) -> Example:
     if isinstance(row, Example):
         return row
+    if callable(getattr(row, "inputs", None)) and callable(getattr(row, "toDict", None)):  # a dspy.Example
+        fields = dict(row.toDict())
+        try:
+            keys = list(row.inputs().keys())
+        except ValueError:  # no .with_inputs(...): split by the program's inputs
+            keys = list(input_fields or [])
+        if not keys:
+            raise ValueError(f"{where}: a dspy.Example without .with_inputs(...); mark its inputs or pass "
+                             f"input_fields=[...]")
+        return to_example({"inputs": {k: fields[k] for k in keys if k in fields},
+                           "gold": {k: v for k, v in fields.items() if k not in keys and k != "id"},
+                           **({"id": fields["id"]} if "id" in fields else {})}, input_fields, where)
     if not isinstance(row, dict):
         raise ValueError(f"{where}: an example must be an Example or a JSON object/dict, got {type(row).__name__}")
     rid = str(row.get("id", where))
@@ -106,14 +120,30 @@ def import_object(spec: str, what: str = "object") -> Any:
 def make_program(spec: str) -> Program:
     """A program from an import path: a Program subclass or a factory, called with no arguments."""
     obj = import_object(spec, "program")
-    program = obj() if callable(obj) and not isinstance(obj, Program) else obj
+    program = as_program(obj() if callable(obj) and not isinstance(obj, Program) else obj)
     if not callable(getattr(program, "named_modules", None)):
         raise ValueError(f"program {spec!r} gave a {type(program).__name__}, not an mmgrpo Program")
     return program
 
 
+def is_dspy_module(obj: Any) -> bool:
+    """A dspy.Module instance (checked without importing dspy, which is an optional extra)."""
+    return any(c.__module__.split(".")[0] == "dspy" and c.__name__ == "Module" for c in type(obj).__mro__)
+
+
+def as_program(obj: Any) -> Any:
+    """An mmgrpo Program: ``obj`` itself, or a dspy.Module wrapped as one (needs mmgrpo[dspy])."""
+    if is_dspy_module(obj):
+        from .integrations.dspy import DSPyProgram
+
+        return DSPyProgram(obj)
+    return obj
+
+
 def spec_of(obj: Any) -> str | None:
     """The import path that rebuilds ``obj``'s class (or function), when it has one."""
+    if getattr(obj, "import_spec", None):  # a wrapper that knows what it wraps
+        return obj.import_spec
     target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
     mod, name = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
     if not mod or "<" in name or mod == "__main__":

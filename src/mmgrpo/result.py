@@ -37,6 +37,10 @@ class OptimizedProgram:
         """Greedy score on ``examples`` (Examples or dicts): mean, 95% CI, counts."""
         from .data import program_inputs, to_examples
 
+        if metric is not None and getattr(self.program, "import_spec", None) and hasattr(self.program, "module"):
+            from .integrations.dspy import dspy_metric  # a DSPy program's metric has DSPy's signature
+
+            metric = dspy_metric(metric)
         metric = metric or self.metric
         if metric is None:
             raise ValueError("evaluate needs a metric (this result was loaded without one)")
@@ -117,6 +121,10 @@ def load(folder: str | Path, program: Program | None = None, device: str = "auto
         from .data import import_object
 
         metric = import_object(info["metric"], "metric")
+        if info.get("metric_style") == "dspy":
+            from .integrations.dspy import dspy_metric
+
+            metric = dspy_metric(metric)
     elif metric is None and info.get("task"):
         from .tasks import get_task
 

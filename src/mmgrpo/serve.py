@@ -40,7 +40,7 @@ def _number(body: dict, key: str, default, cast, low=None, high=None):
     return v
 
 
-def _params(body: dict) -> SamplingParams:
+def _params(body: dict, default_max_tokens: int = 16) -> SamplingParams:
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
@@ -54,7 +54,8 @@ def _params(body: dict) -> SamplingParams:
     if top_p == 0:
         raise BadRequest("'top_p' must be > 0")
     return SamplingParams(temperature=_number(body, "temperature", 1.0, float, 0.0, 100.0), top_p=top_p,
-                          max_tokens=_number(body, "max_tokens", 16, int, 1, MAX_NEW_TOKENS),
+                          max_tokens=_number(body, "max_tokens", body.get("max_completion_tokens") or default_max_tokens,
+                                             int, 1, MAX_NEW_TOKENS),
                           stop=tuple(stop), seed=seed)
 
 
@@ -157,7 +158,7 @@ class Server:
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                         and isinstance(m.get("content"), str) for m in msgs)):
             raise BadRequest("'messages' must be a non-empty list of {'role': str, 'content': str}")
-        params, variant = _params(body), self.variant(body)
+        params, variant = _params(body, default_max_tokens=1024), self.variant(body)  # chat: as vLLM, no short cap
         ids = self.backend.tokenize_chat(msgs)
         if len(ids) > self.max_prompt:
             raise BadRequest(f"the prompt has {len(ids)} tokens; this model takes at most {self.max_prompt}")
