@@ -7,6 +7,16 @@ from collections import Counter
 
 import pytest
 
+
+def test_the_core_never_imports_dspy():
+    import subprocess
+    import sys
+
+    code = ("import sys, mmgrpo, mmgrpo.api, mmgrpo.cli, mmgrpo.compose, mmgrpo.result, mmgrpo.serve; "
+            "assert not {'dspy', 'litellm'} & set(sys.modules), 'imported'")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 dspy = pytest.importorskip("dspy")
 
 import mmgrpo  # noqa: E402

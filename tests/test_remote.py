@@ -35,6 +35,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
     """Answers with bodies shaped as vLLM's (CompletionResponse, ErrorResponse, plain-text adapter
     replies); records what it was sent."""
     seen: list = []
+    ports: list = []
     mode = "ids"
 
     def log_message(self, *a):
@@ -55,6 +56,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeVLLM.seen.append((self.path, body))
+        FakeVLLM.ports.append(self.server.server_address[1])
         if self.path.endswith("_adapter"):
             if FakeVLLM.mode == "no-lora":
                 return self._reply(404, {"detail": "Not Found"})
@@ -80,13 +82,34 @@ class FakeVLLM(BaseHTTPRequestHandler):
                                                          "total_tokens": 5}})
 
 
-@pytest.fixture
-def fake_vllm():
+def start_fake() -> ThreadingHTTPServer:
     srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    FakeVLLM.seen, FakeVLLM.mode = [], "ids"
+    return srv
+
+
+@pytest.fixture
+def fake_vllm():
+    srv = start_fake()
+    FakeVLLM.seen, FakeVLLM.ports, FakeVLLM.mode = [], [], "ids"
     yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
     srv.shutdown()
+
+
+def test_requests_are_spread_over_several_servers_and_pushes_reach_all(fake_vllm, lm, tmp_path):
+    other = start_fake()
+    try:
+        urls = [fake_vllm, f"http://127.0.0.1:{other.server_address[1]}/v1"]
+        pol = RemotePolicy(urls, lm.tokenizer)
+        FakeVLLM.ports.clear()
+        for _ in range(6):
+            pol.complete([5, 6], SamplingParams(max_tokens=2))
+        assert sorted(FakeVLLM.ports.count(p) for p in set(FakeVLLM.ports)) == [3, 3]
+        FakeVLLM.ports.clear()
+        pol.push(tmp_path / "a", "v1", 1)
+        assert len(set(FakeVLLM.ports)) == 2  # loaded on every server
+    finally:
+        other.shutdown()
 
 
 def test_client_speaks_vllms_completions_and_adapter_api(fake_vllm, lm, tmp_path):

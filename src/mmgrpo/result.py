@@ -37,7 +37,7 @@ class OptimizedProgram:
         """Greedy score on ``examples`` (Examples or dicts): mean, 95% CI, counts."""
         from .data import program_inputs, to_examples
 
-        if metric is not None and getattr(self.program, "import_spec", None) and hasattr(self.program, "module"):
+        if metric is not None and getattr(self.program, "is_dspy", False):
             from .integrations.dspy import dspy_metric  # a DSPy program's metric has DSPy's signature
 
             metric = dspy_metric(metric)

@@ -46,17 +46,18 @@ class PolicyEngine:
         messages = chat_messages(request)
         traj = trace.current()
         cfg = request.config
+        name = self.program.caller()
         if traj is not None:  # a rollout: mmgrpo's sampling settings and seeds, not DSPy's
             params = current_params().with_(seed=traj.next_seed())
-        else:
-            params = SamplingParams(temperature=cfg.temperature or 0.0, max_tokens=self.max_tokens, seed=cfg.seed,
+        else:  # DSPy's own calls (an optimizer's): its settings; the program's calls keep the run's cap
+            cap = self.program.max_tokens if name != "lm" and self.program.max_tokens else self.max_tokens
+            params = SamplingParams(temperature=cfg.temperature or 0.0, max_tokens=cap, seed=cfg.seed,
                                     top_p=cfg.top_p or 1.0)
         if cfg.max_tokens:
             params = params.with_(max_tokens=min(cfg.max_tokens, params.max_tokens))
         if cfg.stop:
             params = params.with_(stop=tuple(cfg.stop))
         out = lm.chat(messages, params)
-        name = self.program.caller()
         trace.record(ModuleCall(module=name, index=0, prompt_ids=out.prompt_ids, completion_ids=out.token_ids,
                                 logprobs=out.logprobs, text=out.text, prompt_version=self.program.version(name),
                                 messages=messages, policy_version=getattr(lm, "version", 0),
@@ -91,10 +92,13 @@ def chat_messages(request) -> list[dict]:
 class DSPyProgram(Program):
     """A dspy.Module as an mmgrpo Program; ``prompt_state`` is DSPy's own ``dump_state``."""
 
+    is_dspy = True  # its metrics have DSPy's signature (result.evaluate wraps them)
+
     def __init__(self, module, adapter=None, fallback: LM | None = None):
         self.module = module
         self.adapter = single_call(adapter or dspy.settings.adapter or dspy.ChatAdapter())
         self.fallback = fallback
+        self.max_tokens: int | None = None  # the program's completion cap outside rollouts (set by compile_step)
         self.input_fields = _forward_inputs(module)
         self.import_spec = spec_of(module)  # result/ rebuilds the DSPy program, then wraps it
 
@@ -202,7 +206,7 @@ def compile_step(job, kind: str):
     valset = [to_dspy_example(e) for e in job.dev]
     backend = job.backend
     deterministic, backend.deterministic = backend.deterministic, False  # DSPy's threads declare no clients
-    program.fallback = backend
+    program.fallback, program.max_tokens = backend, cfg.max_tokens
     try:
         with dspy.context(lm=program.dspy_lm(), adapter=program.adapter):
             compile_args = {"trainset": trainset}
@@ -210,7 +214,7 @@ def compile_step(job, kind: str):
                 compile_args["valset"] = valset
             compiled = cls(**kwargs).compile(program.module, **compile_args)
     finally:
-        backend.deterministic, program.fallback = deterministic, None
+        backend.deterministic, program.fallback, program.max_tokens = deterministic, None, None
     program.module = compiled
     ev = evaluate(program, job.dev, task.metric, backend, concurrency=cfg.concurrency, seed=cfg.seed,
                   progress=False, desc=f"{kind} dev")
