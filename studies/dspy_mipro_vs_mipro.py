@@ -1,9 +1,10 @@
-"""DSPy's MIPROv2 (auto="light") through mmgrpo's LM vs mmgrpo's own `mipro`, side by side on
-Banking77 (10 intents, zero-shot start, the embedded SmolLM2-135M, the same dev and test).
+"""DSPy's prompt optimizers through mmgrpo's LM vs mmgrpo's own, side by side on Banking77 (10
+intents, zero-shot start, the embedded SmolLM2-135M as task LM and proposer, the same dev and test):
+MIPROv2 (auto="light") vs `mipro`, and BootstrapFewShotWithRandomSearch vs `bootstrap`.
 
-Budget: MIPROv2 runs first and its program runs are counted (metric calls); `mipro` then gets
-as many (its trials are sized to match). Prints, per arm, the dev score the optimizer reports,
-the held-out test score (n=200, 95% CI), program runs and wall time; the last line is the table.
+Budget: DSPy's arm runs first and its program runs are counted (metric calls); ours then gets as
+many (trials or candidates sized to match). Prints, per arm, the dev score the optimizer reports,
+the held-out test score (n=200, 95% CI), program runs and wall time; an arm that fails says why.
 Usage: python studies/dspy_mipro_vs_mipro.py [--out runs/study-dspy]  (about 40 min on 2 cores)
 """
 from __future__ import annotations
@@ -50,51 +51,73 @@ def exact(example, pred, trace=None):
     return float(normalize(pred.get("label", "") or "") == normalize(example.label))
 
 
+def run_arm(name, fn):
+    t0 = time.time()
+    try:
+        res, counted = fn()
+    except Exception as exc:  # noqa: BLE001 - an arm that fails is a result too
+        print(f"{name}: FAILED after {time.time() - t0:.0f}s: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return None
+    return res, counted, time.time() - t0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/study-dspy")
+    ap.add_argument("--pairs", default="mipro,bootstrap", help="mipro: MIPROv2 vs mipro; bootstrap: "
+                    "BootstrapFewShotWithRandomSearch vs bootstrap")
     args = ap.parse_args()
     task = get_task("banking77", n_labels=10, n_demos=0, reasoning=False)
     labels = task.settings["labels"]
-    train = [dspy.Example(query=e.inputs["query"], label=e.gold["label"]).with_inputs("query") for e in task.train]
-    dev = [dspy.Example(query=e.inputs["query"], label=e.gold["label"]).with_inputs("query") for e in task.dev[:60]]
-    test = [dspy.Example(query=e.inputs["query"], label=e.gold["label"]).with_inputs("query") for e in task.test]
-    base = {"rollout": {"max_tokens": 24}, "prompts": {"max_demos": 2, "train_examples": 20},
+
+    def as_dspy(exs):
+        return [dspy.Example(query=e.inputs["query"], label=e.gold["label"]).with_inputs("query") for e in exs]
+
+    dev = task.dev[:60]
+    base = {"rollout": {"max_tokens": 24}, "prompts": {"max_demos": 2, "train_examples": 20, "candidates": 6},
             "run": {"out": args.out, "progress": False, "eval_examples": 60}}
     rows = []
 
-    # arm 1: DSPy's MIPROv2 (light), run by mmgrpo on the DSPy program through the policy LM
-    m1 = Counted(exact)
-    t0 = time.time()
-    with dspy.context(adapter=dspy.XMLAdapter()):
-        r1 = mmgrpo.optimize(DSPyClassify(labels), train=train, dev=dev, metric=m1, strategy="dspy.MIPROv2",
-                             config={**base, "run": {**base["run"], "name": "dspy-miprov2"}})
-    s1 = time.time() - t0
-    runs1 = m1.n
-    ev1 = r1.evaluate(test, exact)
-    dev1 = json.loads(open(f"{r1.info['run']}/strategy.json").read())["steps"][0]["best_dev"]
-    rows.append(("dspy.MIPROv2 (auto=light)", dev1, ev1, runs1, s1))
-    r1.close()
+    def dspy_arm(step):
+        m = Counted(exact)
+        with dspy.context(adapter=dspy.XMLAdapter()):
+            r = mmgrpo.optimize(DSPyClassify(labels), train=as_dspy(task.train), dev=as_dspy(dev), metric=m,
+                                strategy=step, config={**base, "run": {**base["run"], "name": step.lower()}})
+        return r, m
 
-    # arm 2: mmgrpo's mipro on the mmgrpo program, with the same number of program runs
-    mb, top_k = 20, 3
-    trials = max(2, (runs1 - 20 - top_k * len(dev)) // mb)
-    m2 = Counted(task.metric)
-    prog = task.make_program()
-    t0 = time.time()
-    r2 = mmgrpo.optimize(prog, train=task.train, dev=task.dev[:60], metric=m2, strategy="mipro",
-                         config={**base, "prompts": {**base["prompts"], "trials": trials, "minibatch": mb,
-                                                     "top_k": top_k},
-                                 "run": {**base["run"], "name": "mmgrpo-mipro"}})
-    s2 = time.time() - t0
-    ev2 = r2.evaluate(task.test, task.metric)
-    dev2 = json.loads(open(f"{r2.info['run']}/strategy.json").read())["steps"][0]["best_dev"]
-    rows.append((f"mmgrpo mipro ({trials} trials x {mb})", dev2, ev2, m2.n, s2))
-    r2.close()
+    def ours(step, prompts):
+        def go():
+            m = Counted(task.metric)
+            r = mmgrpo.optimize(task.make_program(), train=task.train, dev=dev, metric=m, strategy=step,
+                                config={**base, "prompts": {**base["prompts"], **prompts},
+                                        "run": {**base["run"], "name": f"mmgrpo-{step}"}})
+            return r, m
+        return go
+
+    for pair in args.pairs.split(","):
+        theirs = "dspy.MIPROv2" if pair == "mipro" else "dspy.BootstrapFewShotWithRandomSearch"
+        out = run_arm(theirs, lambda: dspy_arm(theirs))
+        runs = out[1].n if out else 600
+        if out:
+            rows.append((theirs, *out))
+        # ours with the same number of program runs (metric calls), sized from theirs
+        if pair == "mipro":
+            mb, top_k = 20, 3
+            budget = {"trials": max(2, (runs - 20 - top_k * len(dev)) // mb), "minibatch": mb, "top_k": top_k}
+        else:
+            budget = {"candidates": max(2, round((runs - 20) / len(dev)))}
+        out = run_arm(pair, ours(pair, budget))
+        if out:
+            rows.append((f"mmgrpo {pair} {budget}", *out))
 
     print("\narm | dev (n=60) | test (n=200, 95% CI) | program runs | wall s")
-    for name, d, ev, n, s in rows:
-        print(f"{name} | {d:.3f} | {ev.mean:.3f} ± {ev.ci95:.3f} | {n} | {s:.0f}")
+    for name, res, counted, secs in rows:
+        res.max_tokens = 24  # a label fits; a rambling reply would otherwise run to 256 tokens
+        ev = res.evaluate(as_dspy(task.test) if name.startswith("dspy.") else task.test,
+                          exact if name.startswith("dspy.") else task.metric, concurrency=32)
+        dev_score = json.loads(open(f"{res.info['run']}/strategy.json").read())["steps"][0]["best_dev"]
+        print(f"{name} | {dev_score:.3f} | {ev.mean:.3f} ± {ev.ci95:.3f} | {counted.n} | {secs:.0f}")
+        res.close()
 
 
 if __name__ == "__main__":

@@ -106,12 +106,18 @@ class DSPyProgram(Program):
         return dict(self.module.named_predictors())
 
     def caller(self) -> str:
-        """The name of the predictor making the current LM call (DSPy's module call stack)."""
-        names = {id(p): n for n, p in self.module.named_predictors()}
+        """The name of the predictor making the current LM call (DSPy's module call stack); a copy of
+        one (an optimizer's teacher or candidate) is known by its signature's fields."""
+        preds = self.module.named_predictors()
+        names = {id(p): n for n, p in preds}
+        shapes = {tuple(p.signature.fields): n for n, p in preds}
         for m in reversed(dspy.settings.caller_modules or []):
             if id(m) in names:
                 return names[id(m)]
-        return "lm"  # an LM call made outside any predictor
+            sig = getattr(m, "signature", None)
+            if sig is not None and tuple(sig.fields) in shapes:
+                return shapes[tuple(sig.fields)]
+        return "lm"  # an LM call made outside the program's predictors (e.g. an instruction proposer)
 
     def version(self, name: str) -> str:
         p = self.predictors().get(name)
@@ -213,6 +219,11 @@ def compile_step(job, kind: str):
             if "valset" in inspect.signature(cls.compile).parameters:
                 compile_args["valset"] = valset
             compiled = cls(**kwargs).compile(program.module, **compile_args)
+    except AdapterParseError as exc:  # DSPy lets some of its own calls' parse failures escape
+        raise RuntimeError(
+            f"{kind} stopped inside DSPy: a reply of its LM did not parse ({str(exc).splitlines()[0]}). With the "
+            f"policy as DSPy's proposer/reflection LM a small model often cannot write DSPy's formats: set "
+            f"[prompts] proposer_url (and proposer_model) to a capable OpenAI-compatible LM") from exc
     finally:
         backend.deterministic, program.fallback, program.max_tokens = deterministic, None, None
     program.module = compiled
@@ -220,14 +231,23 @@ def compile_step(job, kind: str):
                   progress=False, desc=f"{kind} dev")
     demos = {n: len(p.demos) for n, p in program.predictors().items()}
     return SearchResult(best=program.prompt_state(), best_score=ev.mean, pool_sizes=demos,
-                        extra={"optimizer": kind, "optimizer_kwargs": {k: v for k, v in kwargs.items() if k != "metric"},
+                        extra={"optimizer": kind, "optimizer_kwargs": {k: v if isinstance(v, (int, float, str)) else
+                                                                       type(v).__name__ for k, v in kwargs.items()},
                                "dev_ci95": ev.ci95})
 
 
 def optimizer_kwargs(cls, cfg, metric) -> dict:
-    """Our [prompts] budget in each optimizer's own terms (only the arguments it takes)."""
-    want = {"metric": metric, "max_bootstrapped_demos": cfg.prompt_max_demos, "max_labeled_demos": cfg.prompt_max_demos,
+    """Our [prompts] budget in each optimizer's own terms (only the arguments it takes); with
+    [prompts] proposer_url, that LM proposes (MIPROv2's prompt_model) or reflects (GEPA)."""
+    proposer = None
+    if cfg.proposer_url:
+        import os
+
+        proposer = dspy.LM(f"openai/{cfg.proposer_model}", api_base=cfg.proposer_url,
+                           api_key=os.environ.get("OPENAI_API_KEY", "none"))
+    want = {"metric": metric, "prompt_model": proposer, "reflection_lm": proposer, "max_bootstrapped_demos": cfg.prompt_max_demos, "max_labeled_demos": cfg.prompt_max_demos,
             "num_candidate_programs": cfg.prompt_candidates, "num_threads": max(1, min(cfg.concurrency, 16)),
-            "seed": cfg.seed, "auto": "light"}
+            "seed": cfg.seed, "auto": "light",
+            "max_errors": 1_000_000}  # a reply that does not parse is a failed candidate, not a reason to abort
     accepted = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in want.items() if k in accepted}
+    return {k: v for k, v in want.items() if k in accepted and v is not None}
