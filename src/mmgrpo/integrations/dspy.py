@@ -26,7 +26,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from .. import trace
 from ..lm.base import LM, SamplingParams, current_params, _current_lm
-from ..data import spec_of
+from ..data import program_inputs, spec_of
 from ..program import Example, ParseError, Prediction, Program
 from ..trace import ModuleCall
 
@@ -99,7 +99,7 @@ class DSPyProgram(Program):
         self.adapter = single_call(adapter or dspy.settings.adapter or dspy.ChatAdapter())
         self.fallback = fallback
         self.max_tokens: int | None = None  # the program's completion cap outside rollouts (set by compile_step)
-        self.input_fields = _forward_inputs(module)
+        self.input_fields = program_inputs(type(module).forward)  # the class's: module.forward makes DSPy warn
         self.import_spec = spec_of(module)  # result/ rebuilds the DSPy program, then wraps it
 
     def predictors(self) -> dict[str, Any]:
@@ -165,15 +165,6 @@ def single_call(adapter):
         adapter = copy.copy(adapter)
         adapter.use_json_adapter_fallback = False
     return adapter
-
-
-def _forward_inputs(module) -> list[str] | None:
-    try:
-        params = inspect.signature(type(module).forward).parameters.values()  # not module.forward: DSPy warns
-    except (TypeError, ValueError):
-        return None
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
-    return names or None
 
 
 def to_dspy_example(ex: Example) -> "dspy.Example":
