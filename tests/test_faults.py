@@ -1,4 +1,5 @@
-"""Faults that must not lose a run: damaged checkpoints, a failing disk, non-finite updates."""
+"""Faults that must not lose a run: damaged checkpoints, a failing disk, non-finite updates,
+outages of the outside LM and the judge."""
 from __future__ import annotations
 
 import errno
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -15,8 +17,11 @@ from toy import toy_task  # noqa: E402
 from mmgrpo.grpo import trainer as trainer_mod  # noqa: E402
 from mmgrpo.grpo.config import TrainConfig  # noqa: E402
 from mmgrpo.grpo.groups import Group, Grouping, Member  # noqa: E402
-from mmgrpo.grpo.run import MMGRPO, TrainingStopped  # noqa: E402
+from mmgrpo.grpo.run import MMGRPO, TrainingStopped, fit  # noqa: E402
+from mmgrpo.lm.base import SamplingParams  # noqa: E402
 from mmgrpo.lm.hf import HFBackend  # noqa: E402
+from mmgrpo.lm.openai import OpenAIClient  # noqa: E402
+from mmgrpo.program import Module, Prediction, Program  # noqa: E402
 from mmgrpo.runlog import RunDir, verify_manifest  # noqa: E402
 from mmgrpo.trace import ModuleCall  # noqa: E402
 
@@ -121,3 +126,83 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run_in_a_row(backen
     assert rec["nonfinite_skipped"] and job.nonfinite == 1
     with pytest.raises(TrainingStopped, match="2 updates in a row had a non-finite loss"):
         job.train_step(2)
+
+
+# ---- outages of the outside LM and the judge: real server processes, killed and restarted ----
+class Delegating(Program):
+    """The policy picks a word; an outside LM (a server) writes the sentence."""
+
+    def __init__(self, outside_url: str):
+        self.pick = Module("pick", ["topic"], ["word"], "Give one word related to the topic.", max_tokens=8,
+                           demos=[{"topic": "the sun", "word": "light"}])
+        self.outside = OpenAIClient(outside_url, "mmgrpo", retries=1, backoff_s=0.05, timeout_s=60)
+
+    def forward(self, topic):
+        word = self.pick(topic=topic).word
+        out = self.outside.chat([{"role": "user", "content": f"A sentence about {topic} with the word {word}."}],
+                                SamplingParams(temperature=0.0, max_tokens=8))
+        return Prediction(word=word, sentence=out.text)
+
+
+def judged(judge: OpenAIClient):
+    """A reward that asks the judge (a server) first; the score itself: a short word."""
+    def reward(ex, pred) -> float:
+        judge.chat([{"role": "user", "content": f"Is '{pred['sentence']}' about {ex.inputs['topic']}?"}],
+                   SamplingParams(temperature=0.0, max_tokens=2))
+        return float(len(pred["word"].strip()) <= 5)
+    return reward
+
+
+def test_outside_lm_and_judge_outages_stop_the_step_and_the_run_resumes_to_the_same_adapter(backend, tmp_path):
+    from test_remote import free_port, start_server
+
+    ports = {"outside": free_port(), "judge": free_port()}
+    procs = {k: start_server(p) for k, p in ports.items()}
+    urls = {k: f"http://127.0.0.1:{p}/v1" for k, p in ports.items()}
+    judge = OpenAIClient(urls["judge"], "mmgrpo", retries=1, backoff_s=0.05)
+
+    def run(folder: Path, kill: str | None = None, at: int = 0):
+        calls = [0]
+
+        def reward(ex, pred):
+            calls[0] += 1
+            if calls[0] == at:  # the server goes down in the middle of a step's scoring
+                procs[kill].kill()
+                procs[kill].wait()
+            return judged(judge)(ex, pred)
+
+        cfg = TrainConfig(task="toy", steps=3, batch_examples=2, group_size=4, max_tokens=8, learning_rate=2e-3,
+                          temperature=0.8, eval_every=1, eval_examples=3, checkpoint_every=1, concurrency=1,
+                          progress=False, seed=5)
+        task = toy_task()
+        task.make_program = lambda: Delegating(urls["outside"])
+        task.reward, task.metric = reward, judged(judge)
+        if backend.peft is not None:
+            backend.model = backend.peft.unload()
+            backend.peft = None
+        fit(MMGRPO(cfg, task, task.make_program(), backend, RunDir(folder)))
+
+    try:
+        run(tmp_path / "straight")
+        # the outside LM dies at the 3rd rollout of step 2 (step 1 scores 8): the step stops untrained
+        with pytest.raises(TrainingStopped, match="could not reach an LM server"):
+            run(tmp_path / "cut", "outside", 11)
+        assert [r["step"] for r in RunDir(tmp_path / "cut").read_log()] == [1]
+        procs["outside"] = start_server(ports["outside"])
+        # resumed at step 2; now the judge dies at the 3rd rollout of step 3
+        with pytest.raises(TrainingStopped, match="could not reach an LM server"):
+            run(tmp_path / "cut", "judge", 11)
+        assert [r["step"] for r in RunDir(tmp_path / "cut").read_log()] == [1, 2]
+        procs["judge"] = start_server(ports["judge"])
+        run(tmp_path / "cut")
+        log, want = RunDir(tmp_path / "cut").read_log(), RunDir(tmp_path / "straight").read_log()
+        assert [r["step"] for r in log] == [1, 2, 3] and any(r["updated"] for r in log)
+        assert [r["reward_mean"] for r in log] == [r["reward_mean"] for r in want]
+        assert all(r["n_error"] == 0 for r in log)  # no error reward was ever trained on
+        a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000003" / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "cut" / "checkpoints" / "step-000003" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()

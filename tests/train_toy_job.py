@@ -2,9 +2,17 @@
 
 One example a step; example t2 always scores 0.5, so the step that draws it (step 1 with seed 3)
 has equal rewards in every group and makes no update: resume must count it all the same.
+
+``python train_toy_job.py RUN STEPS [PHASE:K]``: with a fault, the process SIGKILLs itself at the
+K-th event of PHASE in this process: ``rollout`` (a training reward), ``update`` (a micro-batch
+loss, mid-update), ``checkpoint`` (an optimizer-state write: the adapter is already in the temp
+folder), ``rename`` (after a rename of the run's atomic writes and publishes), ``dev`` (a dev
+metric call), ``log`` (after a metrics line is written, before its checkpoint).
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from toy import short, toy_task  # noqa: E402
 
+from mmgrpo import runlog  # noqa: E402
+from mmgrpo.grpo import trainer as trainer_mod  # noqa: E402
 from mmgrpo.grpo.config import TrainConfig  # noqa: E402
 from mmgrpo.grpo.run import MMGRPO, fit  # noqa: E402
 from mmgrpo.lm.hf import HFBackend  # noqa: E402
@@ -22,15 +32,73 @@ def constant_on_t2(ex, pred) -> float:
     return 0.5 if ex.id == "t2" else short(ex, pred)
 
 
-def main(run_dir: str, steps: int) -> None:
+def dying(fn, k: int):
+    """fn that SIGKILLs this process right after its k-th call."""
+    seen = [0]
+
+    def wrapped(*a, **kw):
+        out = fn(*a, **kw)
+        seen[0] += 1
+        if seen[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return wrapped
+
+
+class _OS:
+    """The os module for runlog, with a replace that dies after its k-th call."""
+
+    def __init__(self, k: int):
+        self.replace = dying(os.replace, k)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+def inject(fault: str, task) -> None:
+    phase, k = fault.split(":")
+    k = int(k)
+    if phase == "rollout":
+        task.reward = dying(task.reward, k)
+    elif phase == "dev":
+        task.metric = dying(task.metric, k)
+    elif phase == "update":
+        trainer_mod.grpo_loss = dying(trainer_mod.grpo_loss, k)
+    elif phase == "checkpoint":
+        import safetensors.torch
+
+        real = safetensors.torch.save_file
+
+        def save_then_die(*a, **kw):  # the optimizer file half-written, then the kill
+            real(*a, **kw)
+            path = Path(a[1])
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        calls = [0]
+
+        def save_file(*a, **kw):
+            calls[0] += 1
+            return (save_then_die if calls[0] == k else real)(*a, **kw)
+        safetensors.torch.save_file = save_file
+    elif phase == "rename":
+        runlog.os = _OS(k)
+    elif phase == "log":
+        RunDir.log = dying(RunDir.log, k)
+    else:
+        raise SystemExit(f"unknown fault phase {phase!r}")
+
+
+def main(run_dir: str, steps: int, fault: str | None = None) -> None:
     cfg = TrainConfig(task="toy", steps=steps, batch_examples=1, group_size=4, max_tokens=12, learning_rate=1e-3,
-                      temperature=0.7, eval_every=1000, eval_examples=2, checkpoint_every=1, keep_checkpoints=2,
-                      progress=False, seed=3)
+                      temperature=0.7, eval_every=1000 if steps <= 4 else 2, eval_examples=2,
+                      checkpoint_every=1, keep_checkpoints=2, progress=False, seed=3)
     task = toy_task()
     task.reward = constant_on_t2
+    if fault:
+        inject(fault, task)
     job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(), RunDir(run_dir))
     fit(job)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

@@ -107,6 +107,8 @@ def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) 
     """Run the strategy's steps on the job's program, then write its result/ folder."""
     steps = [cfg.prompt_optimizer if s == "prompts" else s for s in parse_strategy(cfg.strategy)]
     job = job or build(cfg, resume)
+    if not job.main:  # a data-parallel rank other than 0 joins rank 0's weights step, nothing else
+        return fit(job) if "weights" in steps else {}
     out: dict = {"strategy": steps, "steps": []}
     for i, step in enumerate(steps):
         if step in PROMPT_STEPS or step.startswith("dspy."):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .program import Example, Program
+from .textfiles import lines
 
 
 def program_inputs(program: Any) -> list[str] | None:
@@ -78,18 +79,17 @@ def read_jsonl(path: str | Path, input_fields: Sequence[str] | None) -> list[Exa
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if isinstance(row, dict) and "id" not in row:
-                row = {**row, "id": f"{path.name}:{n}"}
-            out.append(to_example(row, input_fields, where))
+    for n, line in lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if isinstance(row, dict) and "id" not in row:
+            row = {**row, "id": f"{path.name}:{n}"}
+        out.append(to_example(row, input_fields, where))
     if not out:
         raise ValueError(f"{path}: no examples in the file")
     return to_examples(out, input_fields, str(path))

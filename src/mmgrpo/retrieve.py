@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .models import cache_dir
+from .textfiles import lines
 
 
 @dataclass(frozen=True)
@@ -28,16 +29,15 @@ class Passage:
 
 def read_corpus(path: str | Path) -> list[Passage]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out.append(Passage(str(row["title"]), str(row["text"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{n}: a corpus line must be a JSON object with 'title' and 'text' "
-                                 f"({type(exc).__name__}: {exc})") from exc
+    for n, line in lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append(Passage(str(row["title"]), str(row["text"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{n}: a corpus line must be a JSON object with 'title' and 'text' "
+                             f"({type(exc).__name__}: {exc})") from exc
     if not out:
         raise ValueError(f"{path}: the corpus is empty")
     return out

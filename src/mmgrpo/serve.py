@@ -70,6 +70,8 @@ class Server:
 
     def variant(self, body: dict) -> str | None:
         name = body.get("model") or self.model_name
+        if not isinstance(name, str):
+            raise BadRequest(f"'model' must be a string, got {name!r}")
         if name == self.model_name:
             return None
         if name in self.adapter_paths:
@@ -103,6 +105,8 @@ class Server:
 
     def unload_adapter(self, body: dict) -> str:
         name = body.get("lora_name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("'lora_name' must be a non-empty string")
         if name not in self.adapter_paths:
             raise BadRequest(f"The lora adapter '{name}' cannot be found.", 404, "NotFoundError")
         del self.adapter_paths[name]
@@ -124,12 +128,19 @@ class Server:
         else:
             raise BadRequest("'prompt' must be a non-empty string or a non-empty list of token ids "
                              "(one prompt per request)")
-        if len(ids) > self.max_prompt:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; this model takes at most {self.max_prompt}")
         return ids
+
+    def fits(self, ids: list[int], params: SamplingParams) -> None:
+        """vLLM's check: prompt and completion together within the model's context."""
+        if len(ids) + params.max_tokens > self.max_prompt:
+            raise BadRequest(f"This model's maximum context length is {self.max_prompt} tokens. However, you "
+                             f"requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, "
+                             f"{params.max_tokens} for the completion). Please reduce the length of the prompt "
+                             f"or the completion.")
 
     def completion(self, body: dict) -> dict:
         params, variant, ids = _params(body), self.variant(body), self.prompt_ids(body)
+        self.fits(ids, params)
         n_logprobs = body.get("logprobs")
         if n_logprobs is not None and (isinstance(n_logprobs, bool) or not isinstance(n_logprobs, int)
                                        or not 0 <= n_logprobs <= 20):
@@ -160,8 +171,9 @@ class Server:
             raise BadRequest("'messages' must be a non-empty list of {'role': str, 'content': str}")
         params, variant = _params(body, default_max_tokens=1024), self.variant(body)  # chat: as vLLM, no short cap
         ids = self.backend.tokenize_chat(msgs)
-        if len(ids) > self.max_prompt:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; this model takes at most {self.max_prompt}")
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            params = params.with_(max_tokens=max(1, min(params.max_tokens, self.max_prompt - len(ids))))
+        self.fits(ids, params)
         out = self.backend.complete(ids, params, adapter=variant)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model") or self.model_name,

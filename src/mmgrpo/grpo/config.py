@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -128,6 +129,12 @@ class TrainConfig:
     `request_backoff_s`; then the step stops, resumable, with nothing trained on it."""
     request_backoff_s: float = 1.0
     """First backoff between retries, doubled after each."""
+    workers: int = 0
+    """Rollout workers: Ray actors that run the program (its tools, retrieval, outside LMs) and
+    call the policy through `servers` (needed with workers > 0). 0 = rollouts in this process.
+    Needs `pip install 'mmgrpo[ray]'`; the program and metric must be importable on the workers."""
+    ray_address: str | None = None
+    """The Ray cluster to use ("auto", "ray://HOST:10001"); unset = start a local one."""
 
     # --- grouping and advantages --------------------------------------------------------
     grouping: str = "truncate"
@@ -240,6 +247,9 @@ class TrainConfig:
             need(bool(self.metric), "metric", "is needed with `program` (an import path)")
             need(bool(self.train_data and self.dev_data), "train_data", "and dev_data are needed with `program`")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(self.workers >= 0, "workers", "must be >= 0")
+        need(not self.workers or bool(self.servers), "workers",
+             "needs rollout.servers: workers call the policy through inference servers (vLLM or mmgrpo serve)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,6 +267,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint in (dict, list, str, bool):
         return isinstance(value, hint)
+    if origin in (list, tuple) and typing.get_args(hint):
+        return isinstance(value, origin) and all(_type_ok(v, typing.get_args(hint)[0]) for v in value)
     return True
 
 
@@ -270,7 +282,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "rollout": {k: k for k in ("batch_examples", "group_size", "temperature", "top_p", "max_tokens", "concurrency",
                                "format_failure_score", "failure_score", "max_error_rate", "deterministic",
                                "servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
-                               "request_backoff_s")},
+                               "request_backoff_s", "workers", "ray_address")},
     "grpo": {k: k for k in ("grouping", "group_level", "scale_rewards", "per_trajectory_norm", "loss_type", "epsilon",
                             "epsilon_high", "beta", "num_iterations", "tis_cap", "mismatch_tolerance",
                             "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "max_nonfinite_steps",
@@ -301,6 +313,8 @@ def from_dict(raw: dict, source: str = "config") -> TrainConfig:
             value = raw[key] = [u.strip() for u in value.split(",") if u.strip()]
         if not _type_ok(value, hints[key]):
             raise ValueError(f"{source}: key {key!r} must be of type {hints[key]}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{source}: key {key!r} must be a finite number, got {value!r}")
     return TrainConfig(**raw)
 
 
@@ -313,6 +327,8 @@ def flatten(raw: dict, source: str = "config") -> dict:
     """Sections -> flat fields; an old flat key, an unknown section or key is an error naming it."""
     flat: dict = {}
     for sec, body in raw.items():
+        if not isinstance(sec, str):
+            raise ValueError(f"{source}: section names are strings, got {sec!r}")
         if sec not in SECTIONS:
             if sec in WHERE:
                 raise ValueError(f"{source}: key {sec!r} belongs in a section now: write it as {moved(sec)} "
@@ -323,6 +339,8 @@ def flatten(raw: dict, source: str = "config") -> dict:
         if not isinstance(body, dict):
             raise ValueError(f"{source}: [{sec}] must be a table of keys, got {body!r}")
         for key, value in body.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{source}: [{sec}] has a key that is not a string: {key!r}")
             if key not in SECTIONS[sec]:
                 if key in WHERE or any(key in keys for keys in SECTIONS.values()):
                     field_name = key if key in WHERE else next(k2 for keys in SECTIONS.values()
@@ -350,6 +368,21 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _read_config_file(p: Path) -> Any:
+    import yaml
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the tomli backport, a dependency there (pyproject.toml)
+        import tomli as tomllib
+    kind = "TOML" if p.suffix == ".toml" else "YAML"
+    try:
+        text = p.read_text(encoding="utf-8")
+        return tomllib.loads(text) if kind == "TOML" else (yaml.safe_load(text) or {})
+    except (ValueError, yaml.YAMLError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{p}: not valid {kind} ({' '.join(str(exc).split())[:300]})") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None,
                 defaults_sections: dict | None = None, sections: dict | None = None) -> TrainConfig:
     """Defaults (flat, e.g. a task preset; then in sections), the file's sections, ``sections``
@@ -361,19 +394,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), defaults: di
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"config file {p} does not exist")
-        text = p.read_text()
-        if p.suffix == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # Python 3.10: the tomli backport, a dependency there (pyproject.toml)
-                import tomli as tomllib
-            loaded = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            loaded = yaml.safe_load(text) or {}
-        else:
+        if p.suffix not in (".toml", ".yaml", ".yml"):
             raise ValueError(f"{p}: use a .toml, .yaml or .yml config file")
+        loaded = _read_config_file(p)
         if not isinstance(loaded, dict):
             raise ValueError(f"{p}: the config must be a mapping of sections to keys")
         _merge(raw, flatten(loaded, source))

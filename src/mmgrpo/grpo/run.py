@@ -15,6 +15,7 @@ from ..program import Example
 from ..rollout import evaluate, sample, trajectory_seed
 from ..runlog import MANIFEST, RunDir, format_table, recover_dir, verify_manifest
 from ..trace import ERROR
+from . import distributed
 from .config import TrainConfig
 from .groups import assign_weights, compute_advantages, group_calls
 from .trainer import Trainer, write_latest
@@ -22,7 +23,7 @@ from .trainer import Trainer, write_latest
 
 # settings of where rollouts run, not of what is learned: a resumed run may change them (a server moved)
 WHERE_TO_SAMPLE = ("servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
-                   "request_backoff_s")
+                   "request_backoff_s", "workers", "ray_address")
 
 
 class TrainingStopped(RuntimeError):
@@ -48,16 +49,24 @@ class MMGRPO:
 
     def __init__(self, cfg: TrainConfig, task, program, backend, run: RunDir):
         self.cfg, self.task, self.program, self.backend, self.run = cfg, task, program, backend, run
+        distributed.setup(cfg.device)
         self.trainer = Trainer(backend, cfg)
         self.trained = False  # set once fit has run: the adapter then belongs to the result
         self.best = {"dev": float("-inf"), "step": None}
         self.dev = task.dev[: cfg.eval_examples]
+        self.main = distributed.rank() == 0  # the other ranks of a data-parallel run only update
         self.sampler = backend
-        if cfg.servers:
+        if cfg.servers and self.main:
             from ..lm.remote import RemotePolicy
 
             self.sampler = RemotePolicy(cfg.servers, backend.tokenizer, cfg.server_model, cfg.request_timeout_s,
                                         cfg.request_retries, cfg.request_backoff_s)
+        self.workers = None
+        if cfg.workers and self.main:
+            from ..rollout_ray import RaySampler, policy_settings
+
+            self.workers = RaySampler(cfg.workers, task.make_program, task.reward, policy_settings(self.sampler),
+                                      cfg.ray_address)
         self._nonce = uuid.uuid4().hex[:8]
         self.nonfinite = 0  # skipped non-finite updates in a row  # adapter names stay new across resumes of this run
 
@@ -92,10 +101,17 @@ class MMGRPO:
         cfg = self.cfg
         batch = batch_for_step(self.task.train, step, cfg.batch_examples, cfg.seed)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
-        roll = sample(self.program, batch, self.task.reward, self.sampler, n_samples=cfg.group_size, params=params,
-                      concurrency=cfg.concurrency, seed=trajectory_seed(cfg.seed, "step", step),
-                      format_failure_score=cfg.format_failure_score, failure_score=cfg.failure_score,
-                      progress=False)
+        seed = trajectory_seed(cfg.seed, "step", step)
+        if self.workers is not None:
+            roll = self.workers.sample(self.program, batch, n_samples=cfg.group_size, params=params, seed=seed,
+                                       model=self.sampler.model, version=self.sampler.version,
+                                       format_failure_score=cfg.format_failure_score,
+                                       failure_score=cfg.failure_score, concurrency=cfg.concurrency)
+        else:
+            roll = sample(self.program, batch, self.task.reward, self.sampler, n_samples=cfg.group_size,
+                          params=params, concurrency=cfg.concurrency, seed=seed,
+                          format_failure_score=cfg.format_failure_score, failure_score=cfg.failure_score,
+                          progress=False)
         if roll.outages:  # an outage is not a bad answer: train on none of this step
             raise TrainingStopped(f"step {step}: {len(roll.outages)} of {len(roll.trajectories)} rollouts could not "
                                   f"reach an LM server; nothing was trained on this step. First: "
@@ -110,6 +126,7 @@ class MMGRPO:
         grouping = group_calls(roll.by_example(), cfg.grouping, cfg.group_level)
         compute_advantages(grouping, cfg.scale_rewards)
         assign_weights(grouping, cfg.per_trajectory_norm)
+        distributed.broadcast(grouping)  # data-parallel: every rank updates on its share of it
         upd = self.trainer.update(grouping) if grouping.groups else {"updated": False}
         self.nonfinite = self.nonfinite + 1 if upd.get("nonfinite_skipped") else 0 if upd["updated"] else self.nonfinite
         if self.nonfinite >= cfg.max_nonfinite_steps:
@@ -205,6 +222,7 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
     ``task``: a Task made by the caller (mmgrpo.optimize) instead of the config's."""
     from ..lm.hf import HFBackend
 
+    device = distributed.setup(cfg.device)  # under torchrun / accelerate launch: join the group
     if resume:
         run = RunDir(resume)
         if not (run.path / "config.json").exists():
@@ -214,13 +232,14 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
         diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k) and k not in WHERE_TO_SAMPLE)
         if diff:
             raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}")
-    else:
+    elif distributed.rank() == 0:
         run = RunDir(path) if path else RunDir.new(cfg.out, cfg.name)
+    run = RunDir(distributed.broadcast(str(run.path) if distributed.rank() == 0 else None))  # rank 0's folder
     task = task or make_task(cfg)
     program = _load_program(cfg, task)
-    backend = HFBackend.load(cfg.model, device=cfg.device, dtype=cfg.dtype, max_batch=max(cfg.concurrency, 1),
+    backend = HFBackend.load(cfg.model, device=device, dtype=cfg.dtype, max_batch=max(cfg.concurrency, 1),
                              deterministic=cfg.deterministic)
-    if not resume:
+    if not resume and distributed.rank() == 0:
         run.write_json("config.json", {"config": cfg.to_dict(), "task_settings": task.settings,
                                        "command": sys.argv, "prompts": program.prompt_state()})
     return MMGRPO(cfg, task, program, backend, run)
@@ -228,10 +247,35 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
 
 def fit(job: MMGRPO) -> dict:
     """Run (or continue) the job to cfg.steps; return the summary."""
+    if not job.main:
+        return follow(job)
+    cfg = job.cfg
+    start = job.resume()
+    distributed.broadcast(start)
+    try:
+        return _fit(job, start)
+    finally:
+        distributed.broadcast(None)  # the other ranks of a data-parallel run stop with rank 0
+
+
+def follow(job: MMGRPO) -> dict:
+    """A rank other than 0: load the checkpoint rank 0 resumed from, then update on every
+    grouping it sends, until it sends None."""
+    start = distributed.broadcast()
+    if start:
+        job.trainer.load(job.run.path / "checkpoints" / f"step-{start:06d}")
+    while (grouping := distributed.broadcast()) is not None:
+        if grouping.groups:
+            job.trainer.update(grouping)
+        job.trainer.finish_step()
+    job.trained = True
+    return {"run": str(job.run.path), "rank": distributed.rank()}
+
+
+def _fit(job: MMGRPO, start: int) -> dict:
     from tqdm.auto import tqdm
 
     cfg = job.cfg
-    start = job.resume()
     job.push_policy(start)
     if start == 0:
         job.evaluate(0, "baseline")

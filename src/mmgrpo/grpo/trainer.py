@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..runlog import atomic_write, publish_dir, write_json, write_manifest
+from . import distributed
 from .config import TrainConfig
 from .groups import Grouping
 from .loss import grpo_loss, sequence_coefficients, token_logprobs
@@ -63,6 +64,7 @@ class Trainer:
                              f"uses {attn!r}: set shared_prefix = false or load the model with sdpa")
         self.attn = attn
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        distributed.sync_params(self.params)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step = 0
@@ -153,6 +155,7 @@ class Trainer:
                     for m in members]
         temps = [m.call.temperature for m in members]
         batches = self.plan(all_seqs)
+        mine = distributed.share(batches)  # all of them in a single process
         old: dict[int, torch.Tensor] = {}
         stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0,
                  "ratio_dev": 0.0, "tis_sum": 0.0}
@@ -162,7 +165,7 @@ class Trainer:
             for it in range(cfg.num_iterations):
                 self.opt.zero_grad(set_to_none=True)
                 it_loss = 0.0
-                for mb in batches:
+                for mb in mine:
                     seqs = [all_seqs[i] for i in mb]
                     logp, mask = self.logprobs(seqs, [temps[i] for i in mb])
                     T = logp.shape[1]
@@ -197,6 +200,8 @@ class Trainer:
                         stats["ratio_dev"] += float(((logp.detach() - old_lp).exp() - 1).abs().mul(mask).sum())
                         if isw is not None:
                             stats["tis_sum"] += float((isw * mask).sum())
+                distributed.sum_grads(self.params)
+                it_loss = distributed.sum_values([it_loss], dev)[0]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
                 if not (math.isfinite(grad_norm) and math.isfinite(it_loss)):  # skip: the weights stay as they are
                     self.opt.zero_grad(set_to_none=True)
@@ -205,6 +210,10 @@ class Trainer:
                 self.opt.step()
             self.backend.weights_changed()
         self.model.eval()
+        if distributed.active():  # every rank's share of the statistics
+            keys = [k for k in stats if k != "mismatch_max"]
+            stats.update(zip(keys, distributed.sum_values([stats[k] for k in keys], dev)))
+            stats["mismatch_max"] = distributed.max_value(stats["mismatch_max"], dev)
         n_tok = max(stats["tokens"], 1.0)
         mismatch = stats["mismatch_sum"] / n_tok
         if nonfinite:

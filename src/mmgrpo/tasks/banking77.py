@@ -6,23 +6,25 @@ a small model has a chance; the report says which were used.
 """
 from __future__ import annotations
 
-import csv
 import json
 import random
 import re
+from pathlib import Path
 
 from ..program import Example, Module, Prediction, Program
+from ..textfiles import csv_rows
 from .base import Task, data_path, seeded_split
 
 
-def load_rows(split: str) -> list[dict]:
-    path = data_path("banking77", f"{split}.csv")
+def load_rows(split: str, path: str | Path | None = None) -> list[dict]:
+    path = path or data_path("banking77", f"{split}.csv")
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, r in enumerate(csv.DictReader(f), start=2):
-            if not r.get("text") or not r.get("category"):
-                raise ValueError(f"{path}:{i}: malformed row (needs text and category): {r}")
-            rows.append({"id": f"{split}-{i}", "text": r["text"].strip(), "label": r["category"].strip()})
+    for i, (line, r) in enumerate(csv_rows(path), start=2):  # ids by row number, as they always were
+        if not (r.get("text") or "").strip() or not (r.get("category") or "").strip():
+            raise ValueError(f"{path}:{line}: malformed row (needs text and category): {r}")
+        rows.append({"id": f"{split}-{i}", "text": r["text"].strip(), "label": r["category"].strip()})
+    if not rows:
+        raise ValueError(f"{path}: no rows (a CSV with a header 'text,category' and one row per example)")
     return rows
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..program import Example, Module, Prediction, Program
 from ..retrieve import BM25Retriever
+from ..textfiles import lines, read_text
 from .base import Task, data_path, seeded_split
 
 def norm_title(t: str) -> str:
@@ -48,25 +49,44 @@ def recall(ex: Example, pred: Prediction) -> float:
     return len(gold & got) / len(gold)
 
 
-def _hotpot_examples() -> list[Example]:
-    path = data_path("hotpotqa", "questions.jsonl")
+def _claim(uid, claim, titles) -> Example:
+    """One example, checked: what loads is what the program and the recall metric can use."""
+    if not isinstance(claim, str) or not claim.strip():
+        raise ValueError(f"the claim must be non-empty text, got {claim!r}")
+    if not isinstance(titles, list) or not titles or not all(isinstance(t, str) and t.strip() for t in titles):
+        raise ValueError(f"gold titles must be a non-empty list of titles, got {titles!r}")
+    if isinstance(uid, bool) or not isinstance(uid, (str, int)):
+        raise ValueError(f"the id must be a string or an integer, got {uid!r}")
+    return Example(str(uid), {"claim": claim}, {"titles": list(titles)})
+
+
+def _hotpot_examples(path: Path | None = None) -> list[Example]:
+    path = path or data_path("hotpotqa", "questions.jsonl")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in lines(path):
+        if not line.strip():
+            continue
         try:
             r = json.loads(line)
-            out.append(Example(r["question_id"], {"claim": r["question"]}, {"titles": list(r["gold_titles"])}))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{path}:{n}: malformed question row ({exc})") from exc
+            out.append(_claim(r["question_id"], r["question"], r["gold_titles"]))
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}:{n}: malformed question row ({type(exc).__name__}: {exc})") from exc
+    if not out:
+        raise ValueError(f"{path}: no questions in the file")
     return out
 
 
 def _hover_examples(path: Path) -> list[Example]:
-    rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        rows = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path}: HoVer claims are a non-empty JSON list of objects, got {type(rows).__name__}")
     out = []
     for n, r in enumerate(rows):
         try:
-            titles = sorted({t for t, _ in r["supporting_facts"]})
-            out.append(Example(r["uid"], {"claim": r["claim"]}, {"titles": titles}))
+            out.append(_claim(r["uid"], r["claim"], sorted({t for t, _ in r["supporting_facts"]})))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: row {n}: malformed HoVer claim ({exc})") from exc
     return out

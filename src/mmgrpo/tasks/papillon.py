@@ -11,29 +11,31 @@ runs offline and the policy being trained neither answers for the outside LM nor
 """
 from __future__ import annotations
 
-import csv
 import re
+from pathlib import Path
 
 from ..lm.base import LM, SamplingParams, current_lm
 from ..lm.openai import OpenAIClient
 from ..program import Example, Module, Prediction, Program
+from ..textfiles import csv_rows
 from .base import Task, data_path, seeded_split
 
 JUDGE = ("You compare two responses to a user's query. Reply with exactly one letter: "
          "A if response A is better, B if response B is better, T if they are equally good.")
 
 
-def load_rows() -> list[Example]:
-    path = data_path("pupa", "PUPA_New.csv")
+def load_rows(path: str | Path | None = None) -> list[Example]:
+    path = path or data_path("pupa", "PUPA_New.csv")
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for n, r in enumerate(csv.DictReader(f), start=2):
-            if not r.get("user_query") or r.get("target_response") is None or r.get("pii_units") is None:
-                raise ValueError(f"{path}: row starting at line {n}: needs user_query, target_response, pii_units")
-            pii = [u.strip() for u in r["pii_units"].split("||") if u.strip()]
-            conv = r["conversation_hash"] or f"row-{n}"
-            out.append(Example(f"{conv}:{n}", {"user_query": r["user_query"]},
-                               {"target_response": r["target_response"], "pii_units": pii, "conversation": conv}))
+    for n, (line, r) in enumerate(csv_rows(path), start=2):  # ids by row number, as they always were
+        if not (r.get("user_query") or "").strip() or r.get("target_response") is None or r.get("pii_units") is None:
+            raise ValueError(f"{path}: row starting at line {line}: needs user_query, target_response, pii_units")
+        pii = [u.strip() for u in r["pii_units"].split("||") if u.strip()]
+        conv = r.get("conversation_hash") or f"row-{n}"
+        out.append(Example(f"{conv}:{n}", {"user_query": r["user_query"]},
+                           {"target_response": r["target_response"], "pii_units": pii, "conversation": conv}))
+    if not out:
+        raise ValueError(f"{path}: no rows (a CSV with user_query, target_response, pii_units columns)")
     return out
 
 

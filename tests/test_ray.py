@@ -1,0 +1,89 @@
+"""Rollouts in Ray actors (a local Ray cluster started and stopped here) against a real
+`mmgrpo serve` process: the same trajectories as local rollouts; a killed worker's examples are
+run again and counted; a training run with workers equals one without."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ray = pytest.importorskip("ray")
+
+from test_remote import adapter, free_port, run_toy, start_server, toy_config  # noqa: E402
+from toy import short, toy_task  # noqa: E402
+
+from mmgrpo.lm.base import SamplingParams  # noqa: E402
+from mmgrpo.lm.hf import HFBackend  # noqa: E402
+from mmgrpo.lm.remote import RemotePolicy  # noqa: E402
+from mmgrpo.rollout import sample  # noqa: E402
+from mmgrpo.rollout_ray import RaySampler, policy_settings  # noqa: E402
+from mmgrpo.runlog import RunDir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    port = free_port()
+    proc = start_server(port)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        ray.shutdown()
+        proc.kill()
+        proc.wait()
+
+
+def view(result):
+    return [(t.example_id, t.sample_index, t.status, t.reward, [c.completion_ids for c in t.calls])
+            for t in result.trajectories]
+
+
+def test_ray_workers_give_the_local_trajectories_and_redo_a_killed_workers_examples(cluster, tmp_path):
+    task = toy_task()
+    policy = RemotePolicy([cluster], HFBackend.load().tokenizer)
+    examples = task.dev[:6]
+    armed = tmp_path / "armed"  # while this file exists, a worker scoring example t3 kills itself (once)
+
+    def deadly(ex, pred):
+        if ex.id == "t3" and armed.exists():
+            armed.unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return short(ex, pred)
+
+    workers = RaySampler(2, task.make_program, deadly, policy_settings(policy))
+    try:
+        assert len(set(workers.actor_pids) | {os.getpid()}) == 3  # two actors, neither of them this process
+        for temperature, kill in ((0.0, False), (0.8, False), (0.8, True)):  # greedy; seeded sampling; a death
+            params = SamplingParams(temperature=temperature, max_tokens=12)
+            local = sample(task.make_program(), examples, short, policy, n_samples=3, params=params, seed=11,
+                           concurrency=6)
+            if kill:
+                armed.touch()
+            far = workers.sample(task.make_program(), examples, n_samples=3, params=params, seed=11,
+                                 model=policy.model, version=0, concurrency=6)
+            assert view(far) == view(local)  # the same trajectories, in the same order
+            if kill:  # t3 is on worker 1 with t1 and t5 (round-robin); those still running died with it
+                assert not armed.exists() and "t3" in workers.last_retried
+                assert set(workers.last_retried) <= {"t1", "t3", "t5"}
+            assert far.counts["worker_retries"] == len(workers.last_retried) == (len(workers.last_retried) if kill
+                                                                                 else 0)
+    finally:
+        workers.close()
+
+
+def test_training_with_ray_workers_equals_training_without(cluster, tmp_path):
+    run_toy(replace(toy_config(servers=[cluster]), steps=2), tmp_path / "plain")
+    spread = run_toy(replace(toy_config(servers=[cluster], workers=2), steps=2), tmp_path / "ray")
+    spread.workers.close()
+    a, b = adapter(tmp_path / "plain", 2), adapter(tmp_path / "ray", 2)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    logs = [RunDir(tmp_path / n).read_log() for n in ("plain", "ray")]
+    assert [r["reward_mean"] for r in logs[0]] == [r["reward_mean"] for r in logs[1]]
+    assert all(r["n_worker_retries"] == 0 for r in logs[1]) and any(r["updated"] for r in logs[1])
