@@ -4,10 +4,11 @@ processes) against 1 process on the same batches. One run; ratios printed.
 
 Rollouts: 32 Banking77 programs a round (the driver alone: 32 threads; each worker: its share
 with the same concurrency), alternating settings, medians of 2 rounds; the server batches by
-arrival time. Update: the toy job's 4 steps (tests/train_toy_job.py: one example x G=4 a step),
-median `update_s` of its updated steps in each setting. On 2 cores expect little speedup: the
+arrival time. Update: `mmgrpo train` on the toy program (tests/toy.py), 4 examples x G = 8 a step,
+3 steps, 1 process vs `torchrun --nproc_per_node 2` (the same batches: same seeds), median
+`update_s` of the updated steps. On 2 cores expect little speedup: the
 server, the workers and the driver share the same cores.
-Usage: python benchmarks/scale_out.py [--n 32] [--skip-update]
+Usage: python benchmarks/scale_out.py [--n 32] [--skip-update] [--skip-rollouts]
 """
 from __future__ import annotations
 
@@ -68,30 +69,44 @@ def rollouts(n: int) -> dict[str, float]:
 
 
 def update_seconds(world: int, folder: Path) -> list[float]:
-    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))
-    job = [str(HERE.parent / "tests" / "train_toy_job.py"), str(folder), "4"]
-    cmd = [sys.executable, *job] if world == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *job]
+    """`mmgrpo train` on the toy program (tests/toy.py), 4 examples x G = 8 a step, 3 steps."""
+    folder.mkdir(parents=True)
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "topic": t}) + "\n" for i, t in enumerate(
+        ["the sea", "music", "cats", "winter", "bread", "trains", "the moon", "gardens"])))
+    sets = ["task.program=toy:Toy", "task.metric=toy:short", f"task.train={data}", f"task.dev={data}",
+            "run.steps=3", "run.eval_every=100", "run.eval_examples=1", f"run.out={folder}", "run.progress=false",
+            "rollout.batch_examples=4", "rollout.group_size=8", "rollout.max_tokens=16", "grpo.pack_tokens=512",
+            "grpo.learning_rate=2e-3"]
+    cli = ["-m", "mmgrpo.cli", "train", *[a for s in sets for a in ("--set", s)]]
+    cmd = [sys.executable, *cli] if world == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *cli]
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)),
+               PYTHONPATH=os.pathsep.join([str(HERE.parent / "tests"), os.environ.get("PYTHONPATH", "")]))
     subprocess.run(cmd, env=env, check=True, capture_output=True)
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [r["update_s"] for r in rows if r.get("updated")]
+    run = next(p for p in folder.iterdir() if p.is_dir())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["update_s"] for r in rows if r.get("updated")], [r["micro_batches"] for r in rows if r.get("updated")]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--skip-update", action="store_true")
+    ap.add_argument("--skip-rollouts", action="store_true")
     args = ap.parse_args()
     print(machine())
-    r = rollouts(args.n)
-    for k in ("driver, no workers", "1 Ray worker", "2 Ray workers"):
-        print(f"{k:20s} {r[k]:6.2f} trajectories/s  (rounds: {', '.join(f'{x:.2f}' for x in r['runs'][k])})")
-    print(f"rollouts: 2 workers / 1 worker = {r['2 Ray workers'] / r['1 Ray worker']:.2f}x; "
-          f"1 worker / driver = {r['1 Ray worker'] / r['driver, no workers']:.2f}x")
+    if not args.skip_rollouts:
+        r = rollouts(args.n)
+        for k in ("driver, no workers", "1 Ray worker", "2 Ray workers"):
+            print(f"{k:20s} {r[k]:6.2f} trajectories/s  (rounds: {', '.join(f'{x:.2f}' for x in r['runs'][k])})")
+        print(f"rollouts: 2 workers / 1 worker = {r['2 Ray workers'] / r['1 Ray worker']:.2f}x; "
+              f"1 worker / driver = {r['1 Ray worker'] / r['driver, no workers']:.2f}x")
     if not args.skip_update:
         root = Path(tempfile.mkdtemp(prefix="mmgrpo-dp-"))
-        one, two = update_seconds(1, root / "one"), update_seconds(2, root / "two")
-        print(f"update, 1 process: {statistics.median(one):.2f} s (steps: {', '.join(f'{x:.2f}' for x in one)})")
+        (one, mbs), (two, _) = update_seconds(1, root / "one"), update_seconds(2, root / "two")
+        print(f"update, 1 process: {statistics.median(one):.2f} s (steps: {', '.join(f'{x:.2f}' for x in one)}; "
+              f"micro-batches {mbs})")
         print(f"update, 2 processes: {statistics.median(two):.2f} s (steps: {', '.join(f'{x:.2f}' for x in two)})")
         print(f"ratio={statistics.median(two) / statistics.median(one):.2f} (2-process update time / 1 process)")
 
