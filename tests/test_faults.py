@@ -132,12 +132,14 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run_in_a_row(backen
 class Delegating(Program):
     """The policy picks a word; an outside LM (a server) writes the sentence."""
 
-    def __init__(self, outside_url: str):
+    def __init__(self, outside_url: str, on_run=lambda: None):
+        self.on_run = on_run
         self.pick = Module("pick", ["topic"], ["word"], "Give one word related to the topic.", max_tokens=8,
-                           demos=[{"topic": "the sun", "word": "light"}])
-        self.outside = OpenAIClient(outside_url, "mmgrpo", retries=1, backoff_s=0.05, timeout_s=60)
+                           demos=[{"topic": "the sun", "word": "light"}], lenient=True)  # every run goes on
+        self.outside = OpenAIClient(outside_url, "smollm2-135m", retries=1, backoff_s=0.05, timeout_s=60)
 
     def forward(self, topic):
+        self.on_run()
         word = self.pick(topic=topic).word
         out = self.outside.chat([{"role": "user", "content": f"A sentence about {topic} with the word {word}."}],
                                 SamplingParams(temperature=0.0, max_tokens=8))
@@ -159,24 +161,23 @@ def test_outside_lm_and_judge_outages_stop_the_step_and_the_run_resumes_to_the_s
     ports = {"outside": free_port(), "judge": free_port()}
     procs = {k: start_server(p) for k, p in ports.items()}
     urls = {k: f"http://127.0.0.1:{p}/v1" for k, p in ports.items()}
-    judge = OpenAIClient(urls["judge"], "mmgrpo", retries=1, backoff_s=0.05)
+    judge = OpenAIClient(urls["judge"], "smollm2-135m", retries=1, backoff_s=0.05)
 
     def run(folder: Path, kill: str | None = None, at: int = 0):
-        calls = [0]
+        runs = [0]
 
-        def reward(ex, pred):
-            calls[0] += 1
-            if calls[0] == at:  # the server goes down in the middle of a step's scoring
+        def on_run():  # the at-th program run of this process takes the server down, mid-step
+            runs[0] += 1
+            if runs[0] == at:
                 procs[kill].kill()
                 procs[kill].wait()
-            return judged(judge)(ex, pred)
 
         cfg = TrainConfig(task="toy", steps=3, batch_examples=2, group_size=4, max_tokens=8, learning_rate=2e-3,
                           temperature=0.8, eval_every=1, eval_examples=3, checkpoint_every=1, concurrency=1,
                           progress=False, seed=5)
         task = toy_task()
-        task.make_program = lambda: Delegating(urls["outside"])
-        task.reward, task.metric = reward, judged(judge)
+        task.make_program = lambda: Delegating(urls["outside"], on_run)
+        task.reward = task.metric = judged(judge)
         if backend.peft is not None:
             backend.model = backend.peft.unload()
             backend.peft = None
@@ -184,14 +185,15 @@ def test_outside_lm_and_judge_outages_stop_the_step_and_the_run_resumes_to_the_s
 
     try:
         run(tmp_path / "straight")
-        # the outside LM dies at the 3rd rollout of step 2 (step 1 scores 8): the step stops untrained
+        # the outside LM dies at the 3rd rollout of step 2 (3 dev runs, then 8 rollouts a step, 3 dev
+        # runs after each): the step stops untrained
         with pytest.raises(TrainingStopped, match="could not reach an LM server"):
-            run(tmp_path / "cut", "outside", 11)
+            run(tmp_path / "cut", "outside", 3 + 8 + 3 + 3)
         assert [r["step"] for r in RunDir(tmp_path / "cut").read_log()] == [1]
         procs["outside"] = start_server(ports["outside"])
-        # resumed at step 2; now the judge dies at the 3rd rollout of step 3
+        # resumed at step 2 (no baseline run again); now the judge dies at the 3rd rollout of step 3
         with pytest.raises(TrainingStopped, match="could not reach an LM server"):
-            run(tmp_path / "cut", "judge", 11)
+            run(tmp_path / "cut", "judge", 8 + 3 + 3)
         assert [r["step"] for r in RunDir(tmp_path / "cut").read_log()] == [1, 2]
         procs["judge"] = start_server(ports["judge"])
         run(tmp_path / "cut")

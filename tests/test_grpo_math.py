@@ -188,3 +188,31 @@ def test_trajectory_level_baseline_is_the_mean_over_trajectories():
     compute_advantages(g, scale_rewards=True, eps=0.0)
     std = math.sqrt(sum((r - 0.125) ** 2 for r in (1, 0, 0.5, -1)) / 4)
     assert g.members[0].advantage == pytest.approx(0.875 / std)
+
+
+def test_per_module_statistics_by_hand(trajs):
+    from mmgrpo.grpo.stats import module_stats, sampled_entropy
+
+    trajs[1].calls[0].logprobs = [-3.0]  # one sampled token less likely than the others (-1.0)
+    err = traj(4, 0.0, ["query", "answer"], status="error")  # an error: its calls count, its reward does not
+    g = group_calls({"ex": trajs + [err]}, "truncate")
+    compute_advantages(g, scale_rewards=False)
+    update = {"query": {"train_tokens": 4, "clip_frac": 0.25, "kl": 0.0}}
+    s = module_stats(trajs + [err], g, update)
+    assert set(s) == {"answer", "query"}
+    q, a = s["query"], s["answer"]
+    assert q["calls"] == 3 + 2 + 1 + 1 + 1 and a["calls"] == 3 + 1
+    assert q["completion_tokens"] == 8 and a["completion_tokens"] == 4  # one token a call
+    assert q["parse_failures"] == 1 and a["parse_failures"] == 0  # t3's last call was a query
+    # reward of the trajectories behind each call (error excluded): query 3x1.0, 2x0.0, 0.5, -1.0
+    assert q["reward_mean"] == pytest.approx((3 * 1.0 + 2 * 0.0 + 0.5 - 1.0) / 7)
+    assert a["reward_mean"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    # truncate: query index 0 (t0..t3) and answer index 0 (t0..t2) are used; query 1 and 2 truncated
+    assert q["groups_used"] == 1 and a["groups_used"] == 1 and q["groups_skipped"] == {"truncated": 2}
+    # advantages = reward - group mean: query group mean 0.125, answer group mean 0.5
+    assert q["advantage_mean"] == pytest.approx(0.0) and a["advantage_mean"] == pytest.approx(0.0)
+    assert q["advantage_abs_mean"] == pytest.approx((0.875 + 0.125 + 0.375 + 1.125) / 4)
+    assert a["advantage_abs_mean"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    assert q["entropy"] == pytest.approx((7 * 1.0 + 3.0) / 8) and a["entropy"] == pytest.approx(1.0)
+    assert q["clip_frac"] == 0.25 and "clip_frac" not in a  # the update's figures, where it trained
+    assert sampled_entropy(trajs + [err]) == pytest.approx((11 * 1.0 + 3.0) / 12)

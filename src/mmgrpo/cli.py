@@ -1,4 +1,4 @@
-"""The ``mmgrpo`` command: train, eval, compare, serve, export."""
+"""The ``mmgrpo`` command: train, eval, compare, serve, export, report."""
 from __future__ import annotations
 
 import argparse
@@ -82,8 +82,17 @@ def cmd_train(args) -> int:
             overrides.append(f"task.{key}={getattr(args, flag)}")
     cfg = load_config(args.config, overrides=[*overrides, *(args.set or [])])
     t0 = time.time()
-    run(cfg, resume=args.resume)
-    print(f"total {time.time() - t0:.0f}s")
+    out = run(cfg, resume=args.resume)
+    if out.get("steps") is not None:  # rank 0 (a data-parallel run's other ranks return {})
+        print(f"total {time.time() - t0:.0f}s")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    out = write_report(args.run)
+    print(f"report: {out} (plots also as PNG in {out.parent / 'report'})")
     return 0
 
 
@@ -198,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("out", help="a new folder")
     x.add_argument("--merged", action="store_true", help="merge the adapter into the weights")
     x.set_defaults(fn=cmd_export)
+
+    r = sub.add_parser("report", help="report.html (plots embedded) + PNGs for a training run or a compare folder")
+    r.add_argument("run", help="a run folder (metrics.jsonl) or a compare folder (results.json)")
+    r.set_defaults(fn=cmd_report)
 
     args = p.parse_args(argv)
     from .grpo.run import TrainingStopped

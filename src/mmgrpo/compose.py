@@ -57,7 +57,8 @@ def optimize_prompts(job: MMGRPO, kind: str):
         from .optimizers.bootstrap import random_search
 
         return random_search(program, train, job.dev, task.metric, lm, n_candidates=cfg.prompt_candidates,
-                             max_demos=cfg.prompt_max_demos, concurrency=cfg.concurrency, seed=cfg.seed)
+                             max_demos=cfg.prompt_max_demos, concurrency=cfg.concurrency, seed=cfg.seed,
+                             progress=cfg.progress)
     if kind == "mipro":
         from .optimizers.mipro import mipro
 
@@ -70,7 +71,7 @@ def optimize_prompts(job: MMGRPO, kind: str):
 
     return gepa_search(program, train, job.dev, task.metric, lm, reflection_lm=proposer_lm(cfg, lm),
                        max_metric_calls=cfg.gepa_metric_calls, minibatch=min(4, cfg.prompt_minibatch),
-                       concurrency=cfg.concurrency, seed=cfg.seed)
+                       concurrency=cfg.concurrency, seed=cfg.seed, progress=cfg.progress)
 
 
 def prompts_step(job: MMGRPO, index: int, kind: str) -> dict:

@@ -207,7 +207,10 @@ class TrainConfig:
     name: str = "mmgrpo"
     """Run folder prefix."""
     progress: bool = True
-    """Progress bars."""
+    """Progress bars (false: quiet, for CI and logs)."""
+    report_to: list = field(default_factory=list)
+    """Trackers beside metrics.jsonl (always written): any of "tensorboard", "wandb" (offline mode),
+    "mlflow" (a SQLite store in the run folder); each needs its package (mmgrpo[tensorboard] ...)."""
 
     def __post_init__(self):
         def need(ok: bool, key: str, what: str):
@@ -248,6 +251,8 @@ class TrainConfig:
             need(bool(self.train_data and self.dev_data), "train_data", "and dev_data are needed with `program`")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         need(self.workers >= 0, "workers", "must be >= 0")
+        need(all(t in ("tensorboard", "wandb", "mlflow") for t in self.report_to), "report_to",
+             "must list trackers among tensorboard, wandb, mlflow")
         need(not self.workers or bool(self.servers), "workers",
              "needs rollout.servers: workers call the policy through inference servers (vLLM or mmgrpo serve)")
 
@@ -294,7 +299,7 @@ SECTIONS: dict[str, dict[str, str]] = {
                 "gepa_metric_calls": "gepa_metric_calls", "proposer_url": "proposer_url",
                 "proposer_model": "proposer_model"},
     "run": {k: k for k in ("strategy", "seed", "steps", "eval_every", "eval_examples", "checkpoint_every",
-                           "keep_checkpoints", "out", "name", "progress")},
+                           "keep_checkpoints", "out", "name", "progress", "report_to")},
 }
 WHERE = {f: (sec, key) for sec, keys in SECTIONS.items() for key, f in keys.items()}  # field -> (section, key)
 assert set(WHERE) == {f.name for f in dataclasses.fields(TrainConfig)}, "every field belongs to one section"

@@ -39,6 +39,11 @@ class Group:
 class Grouping:
     groups: list[Group] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)  # reason -> number of groups
+    skipped_by_module: Counter = field(default_factory=Counter)  # (module, reason) -> number of groups
+
+    def skip(self, module: str, reason: str, n: int = 1) -> None:
+        self.skipped[reason] += n
+        self.skipped_by_module[(module, reason)] += n
 
     @property
     def members(self) -> list[Member]:
@@ -50,7 +55,7 @@ class Grouping:
 
 
 def _module_groups(example_id: str, trajs: Sequence[tuple[int, Trajectory]], mode: str,
-                   skipped: Counter) -> list[Group]:
+                   grouping: Grouping) -> list[Group]:
     modules = sorted({c.module for _, t in trajs for c in t.calls})
     out = []
     for mod in modules:
@@ -59,7 +64,7 @@ def _module_groups(example_id: str, trajs: Sequence[tuple[int, Trajectory]], mod
         lengths = [len(calls) for _, calls, _ in per]
         n_idx = min(lengths) if mode == "truncate" else max(lengths)
         if mode == "truncate" and max(lengths) > n_idx:  # later invocations some rollouts never reached
-            skipped["truncated"] += max(lengths) - n_idx
+            grouping.skip(mod, "truncated", max(lengths) - n_idx)
         for i in range(n_idx):
             members = []
             for ti, calls, reward in per:
@@ -83,18 +88,18 @@ def group_calls(by_example: dict[str, Sequence[Trajectory]], mode: str = "trunca
         trajs = [(ti, t) for ti, t in enumerate(all_trajs) if t.status != ERROR]
         lost = len(trajs) < len(all_trajs)
         if level == "module":
-            candidates = _module_groups(ex_id, trajs, mode, result.skipped)
+            candidates = _module_groups(ex_id, trajs, mode, result)
         else:
             members = [Member(c, t.reward, ti) for ti, t in trajs for c in t.calls]
             candidates = [Group(ex_id, "*", -1, members)] if members else []
         if not candidates and all_trajs:
-            result.skipped["errors" if lost and not trajs else "no_calls"] += 1
+            result.skip("*", "errors" if lost and not trajs else "no_calls")  # "*": no module was reached
         for g in candidates:
             rewards = [m.reward for m in g.members]
             if len({m.trajectory for m in g.members}) < min_size:
-                result.skipped["errors" if lost else "too_small"] += 1
+                result.skip(g.module, "errors" if lost else "too_small")
             elif max(rewards) - min(rewards) < 1e-12:
-                result.skipped["equal_rewards"] += 1
+                result.skip(g.module, "equal_rewards")
             else:
                 result.groups.append(g)
     return result

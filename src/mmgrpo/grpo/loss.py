@@ -47,6 +47,9 @@ class LossOutput:
     clipped_tokens: float
     kl_sum: float
     tokens: float
+    pg_loss: float = 0.0  # the policy-gradient part of loss
+    kl_loss: float = 0.0  # beta * KL part of loss
+    per_seq: torch.Tensor | None = None  # (B, 3) detached: tokens, clipped tokens, KL sum of each sequence
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -79,9 +82,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
             raise ValueError("beta > 0 needs ref_logp")
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
-        per_token = per_token + beta * kl
     m = mask.to(per_token.dtype)
-    loss = ((per_token * m).sum(-1) * coefs).sum()
-    was_clipped = ((clipped < unclipped) & mask.bool()).float().sum()
-    return LossOutput(loss=loss, clipped_tokens=float(was_clipped), kl_sum=float((kl.detach() * m).sum()),
-                      tokens=float(m.sum()))
+    pg = ((per_token * m).sum(-1) * coefs).sum()
+    kl_part = ((beta * kl * m).sum(-1) * coefs).sum()
+    loss = pg + kl_part if beta else pg
+    was_clipped = ((clipped < unclipped) & mask.bool()).float()
+    per_seq = torch.stack([m.sum(-1), was_clipped.sum(-1), (kl.detach() * m).sum(-1)], dim=-1).detach().cpu()
+    return LossOutput(loss=loss, clipped_tokens=float(was_clipped.sum()), kl_sum=float((kl.detach() * m).sum()),
+                      tokens=float(m.sum()), pg_loss=float(pg.detach()), kl_loss=float(kl_part.detach()),
+                      per_seq=per_seq)

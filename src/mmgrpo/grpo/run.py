@@ -18,12 +18,14 @@ from ..trace import ERROR
 from . import distributed
 from .config import TrainConfig
 from .groups import assign_weights, compute_advantages, group_calls
+from .stats import module_stats, sampled_entropy
 from .trainer import Trainer, write_latest
 
 
 # settings of where rollouts run, not of what is learned: a resumed run may change them (a server moved)
-WHERE_TO_SAMPLE = ("servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
-                   "request_backoff_s", "workers", "ray_address")
+# where rollouts run and what watches the run, not what is learned: a resume may change these
+MAY_CHANGE_ON_RESUME = ("servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
+                        "request_backoff_s", "workers", "ray_address", "report_to", "progress")
 
 
 class TrainingStopped(RuntimeError):
@@ -111,7 +113,7 @@ class MMGRPO:
             roll = sample(self.program, batch, self.task.reward, self.sampler, n_samples=cfg.group_size,
                           params=params, concurrency=cfg.concurrency, seed=seed,
                           format_failure_score=cfg.format_failure_score, failure_score=cfg.failure_score,
-                          progress=False)
+                          progress=cfg.progress, desc=f"step {step} rollouts")
         if roll.outages:  # an outage is not a bad answer: train on none of this step
             raise TrainingStopped(f"step {step}: {len(roll.outages)} of {len(roll.trajectories)} rollouts could not "
                                   f"reach an LM server; nothing was trained on this step. First: "
@@ -139,11 +141,13 @@ class MMGRPO:
         # rewards of the trajectories trained on: an error's score is not the model's
         rewards = [t.reward for t in roll.trajectories if t.status != ERROR] or [0.0]
         mean = sum(rewards) / len(rewards)
+        modules = module_stats(roll.trajectories, grouping, upd.pop("modules_update", None))
         return {"step": step, "reward_mean": mean,
                 "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
                 **{f"n_{k}": v for k, v in roll.counts.items()}, **grouping.counts(),
                 "lm_calls": roll.lm_calls, "completion_tokens": roll.completion_tokens,
-                "policy_versions": versions, "rollout_s": roll.seconds, **upd}
+                "policy_versions": versions, "rollout_s": roll.seconds, "entropy": sampled_entropy(roll.trajectories),
+                **upd, "modules": modules}
 
     def checkpoint(self, step: int) -> None:
         ck = self.run.path / "checkpoints"
@@ -229,7 +233,7 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
             raise FileNotFoundError(f"{resume} is not a run folder (no config.json)")
         saved = run.read_json("config.json")["config"]
         want = json.loads(json.dumps(cfg.to_dict()))
-        diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k) and k not in WHERE_TO_SAMPLE)
+        diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k) and k not in MAY_CHANGE_ON_RESUME)
         if diff:
             raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}")
     elif distributed.rank() == 0:
@@ -273,12 +277,27 @@ def follow(job: MMGRPO) -> dict:
 
 
 def _fit(job: MMGRPO, start: int) -> dict:
+    trackers = None
+    if job.cfg.report_to:
+        from ..trackers import Trackers
+
+        trackers = Trackers(job.cfg.report_to, job.run.path, job.cfg.to_dict(), job.run.path.name)
+    try:
+        return _loop(job, start, trackers)
+    finally:
+        if trackers is not None:
+            trackers.close()
+
+
+def _loop(job: MMGRPO, start: int, trackers) -> dict:
     from tqdm.auto import tqdm
 
     cfg = job.cfg
     job.push_policy(start)
     if start == 0:
-        job.evaluate(0, "baseline")
+        rec = job.evaluate(0, "baseline")
+        if trackers is not None:
+            trackers.log(rec, 0)
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="mmGRPO", initial=start, total=cfg.steps,
                disable=not cfg.progress)
     for step in bar:
@@ -288,7 +307,8 @@ def _fit(job: MMGRPO, start: int) -> dict:
             if step > 1 and (step - 1) % cfg.checkpoint_every:  # keep every finished step
                 job.checkpoint(step - 1)
             bar.close()
-            done = f"steps 1-{step - 1} are saved" if step > 1 else "no step had finished"
+            done = f"steps 1-{step - 1} are saved" if step > 2 else "step 1 is saved" if step == 2 else \
+                "no step had finished"
             raise TrainingStopped(f"{exc} {done.capitalize()}; continue with "
                                   f"`mmgrpo train ... --resume {job.run.path}`.") from exc
         try:
@@ -305,6 +325,8 @@ def _fit(job: MMGRPO, start: int) -> dict:
             raise TrainingStopped(f"{exc} Steps 1-{step} are saved; continue with "
                                   f"`mmgrpo train ... --resume {job.run.path}`.") from exc
         job.run.log(rec)
+        if trackers is not None:
+            trackers.log(rec, step)
         bar.set_postfix(reward=f"{rec['reward_mean']:.2f}", groups=rec["groups_used"],
                         dev=f"{rec.get('dev', float('nan')):.2f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

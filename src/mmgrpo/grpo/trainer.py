@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..runlog import atomic_write, publish_dir, write_json, write_manifest
 from . import distributed
@@ -158,14 +159,19 @@ class Trainer:
         mine = distributed.share(batches)  # all of them in a single process
         old: dict[int, torch.Tensor] = {}
         stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0,
-                 "ratio_dev": 0.0, "tis_sum": 0.0}
+                 "ratio_dev": 0.0, "tis_sum": 0.0, "pg_loss": 0.0, "kl_loss": 0.0}
+        modules = sorted({m.call.module for m in members})  # the same list on every rank
+        per_module = torch.zeros(len(modules), 3, dtype=torch.float64)  # tokens, clipped, KL sum
         self.model.train()
         nonfinite = False
         with self.backend.lock:
+            bar = tqdm(total=len(mine) * cfg.num_iterations, desc="update micro-batches", leave=False,
+                       disable=not (cfg.progress and distributed.rank() == 0))
             for it in range(cfg.num_iterations):
                 self.opt.zero_grad(set_to_none=True)
                 it_loss = 0.0
                 for mb in mine:
+                    bar.update(1)
                     seqs = [all_seqs[i] for i in mb]
                     logp, mask = self.logprobs(seqs, [temps[i] for i in mb])
                     T = logp.shape[1]
@@ -194,6 +200,10 @@ class Trainer:
                     it_loss += float(out.loss.detach())
                     if it == cfg.num_iterations - 1:
                         stats["loss"] += float(out.loss.detach())
+                        stats["pg_loss"] += out.pg_loss
+                        stats["kl_loss"] += out.kl_loss
+                        for j, i in enumerate(mb):
+                            per_module[modules.index(members[i].call.module)] += out.per_seq[j].double()
                         stats["clipped"] += out.clipped_tokens
                         stats["kl"] += out.kl_sum
                         stats["tokens"] += out.tokens
@@ -208,18 +218,24 @@ class Trainer:
                     nonfinite = True
                     break
                 self.opt.step()
+            bar.close()
             self.backend.weights_changed()
         self.model.eval()
         if distributed.active():  # every rank's share of the statistics
             keys = [k for k in stats if k != "mismatch_max"]
-            stats.update(zip(keys, distributed.sum_values([stats[k] for k in keys], dev)))
+            summed = distributed.sum_values([stats[k] for k in keys] + per_module.flatten().tolist(), dev)
+            stats.update(zip(keys, summed[:len(keys)]))
+            per_module = torch.tensor(summed[len(keys):], dtype=torch.float64).view(len(modules), 3)
             stats["mismatch_max"] = distributed.max_value(stats["mismatch_max"], dev)
         n_tok = max(stats["tokens"], 1.0)
         mismatch = stats["mismatch_sum"] / n_tok
         if nonfinite:
             return {"updated": False, "nonfinite_skipped": True, "loss": it_loss, "grad_norm": grad_norm,
                     "update_s": time.perf_counter() - t0}
-        return {"updated": True, "loss": stats["loss"], "clip_frac": stats["clipped"] / n_tok,
+        by_module = {mod: {"train_tokens": int(t), "clip_frac": float(c) / max(float(t), 1.0),
+                           "kl": float(k) / max(float(t), 1.0)} for mod, (t, c, k) in zip(modules, per_module.tolist())}
+        return {"updated": True, "loss": stats["loss"], "pg_loss": stats["pg_loss"], "kl_loss": stats["kl_loss"],
+                "modules_update": by_module, "clip_frac": stats["clipped"] / n_tok,
                 "kl": stats["kl"] / n_tok, "grad_norm": grad_norm, "lr": self.sched.get_last_lr()[0],
                 "ratio_dev": stats["ratio_dev"] / n_tok,
                 **({"tis_weight_mean": stats["tis_sum"] / n_tok} if cfg.tis_cap is not None else {}),

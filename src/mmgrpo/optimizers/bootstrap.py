@@ -58,13 +58,15 @@ class SearchResult:
 
 def random_search(program: Program, train: Sequence[Example], dev: Sequence[Example], metric: Metric, lm: LM, *,
                   n_candidates: int = 6, max_demos: int = 4, threshold: float = 1.0, concurrency: int = 16,
-                  seed: int = 0) -> SearchResult:
+                  seed: int = 0, progress: bool = False) -> SearchResult:
     """Score the current prompts and ``n_candidates - 1`` seeded demo sets on ``dev``; load the best."""
+    from tqdm.auto import tqdm
+
     pool = bootstrap_pool(program, train, metric, lm, threshold=threshold, concurrency=concurrency, seed=seed)
     base = copy.deepcopy(program.prompt_state())
     rng = random.Random(seed)
     result = SearchResult(best=base, best_score=float("-inf"), pool_sizes={m: len(d) for m, d in pool.items()})
-    for k in range(n_candidates):
+    for k in tqdm(range(n_candidates), desc="bootstrap candidates", disable=not progress, leave=False):
         state = copy.deepcopy(base)
         chosen: dict[str, list[str]] = {}
         if k > 0:  # candidate 0 is the program as it is
