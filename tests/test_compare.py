@@ -1,6 +1,6 @@
 """`mmgrpo compare` end to end on the embedded model at a tiny budget: four arms in one folder,
-a test table and a PNG plot, the composed arm starts from the prompt arm's search, and a resumed
-comparison skips finished arms; plus the update-without-demos prompt."""
+a test table and a PNG plot (and `mmgrpo report` of the folder), the composed arm starts from the
+prompt arm's search, and a resumed comparison skips finished arms; plus the update-without-demos prompt."""
 from __future__ import annotations
 
 import json
@@ -40,6 +40,12 @@ def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
     assert arms["prompts_weights"]["includes_reused_search"]
     assert arms["prompts_weights"]["lm_calls"] > arms["weights"]["lm_calls"]
     assert [json.loads(x)["step"] for x in (root / "weights" / "dev.jsonl").read_text().splitlines()] == [0, 1]
+    # the report of a compare folder: the arms side by side, the test table, each training arm's plots
+    assert main(["report", str(root)]) == 0
+    page = (root / "report.html").read_text()
+    for name in ("compare_dev", "compare_test", "weights_reward", "prompts_weights_reward"):
+        assert (root / "report" / f"{name}.png").exists() and f'<figure id="{name}">' in page
+    assert all(f"<td>{arm}</td>" in page for arm in arms)
 
     # resume: every arm is finished, nothing runs again, the same table comes back
     before = (root / "table.txt").read_text()

@@ -141,6 +141,8 @@ def test_serve_holds_64_concurrent_clients(tmp_path):
                         code, raw = resp.status, resp.read()
                 except urllib.error.HTTPError as exc:
                     code, raw = exc.code, exc.read()
+                except OSError as exc:  # a reset or refused connection is a failure too
+                    code, raw = 0, f"{type(exc).__name__}: {exc}".encode()
                 dt = time.perf_counter() - t0
                 try:
                     out = json.loads(raw)

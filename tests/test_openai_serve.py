@@ -13,7 +13,7 @@ from mmgrpo.lm.openai import LMServerError, OpenAIClient
 from mmgrpo.program import Example, Prediction
 from mmgrpo.rollout import sample
 from mmgrpo.tasks import get_task
-from mmgrpo.tasks.papillon import leakage, make_metric, parse_verdict
+from mmgrpo.tasks.papillon import chrf_quality, leakage, make_metric, parse_verdict
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,17 @@ def test_pupa_counts_splits_and_metric_hand_checked(scripted):
     pred = Prediction(response="r", request="help Ana")
     assert make_metric(scripted(lambda m: "A"))(ex, pred) == pytest.approx((1 + 0.5) / 2)
     assert make_metric(scripted(lambda m: "B"))(ex, pred) == pytest.approx((0 + 0.5) / 2)
+    # without a judge: the offline quality, chrF against the reference (any language), no LM asked
+    offline = make_metric(None)
+    assert get_task("papillon").settings["quality"] == "chrf"
+    ex = Example("e", {"user_query": "q"}, {"target_response": "Book the train to Lyon for Friday morning.",
+                                            "pii_units": ["Ana"]})
+    same = offline(ex, Prediction(response="Book the train to Lyon for Friday morning.", request="book a train"))
+    close = offline(ex, Prediction(response="Book a train to Lyon on Friday.", request="book a train"))
+    far = offline(ex, Prediction(response="Bananas are yellow.", request="book a train"))
+    assert same == pytest.approx(1.0) and 0.5 < far < close < same  # far: no leak (1/2), tiny overlap
+    assert far == pytest.approx(0.5 + chrf_quality("Bananas are yellow.", ex.gold["target_response"]) / 2)
+    assert 0.2 < chrf_quality("今天天气很好", "今天天气不错") < 1.0
 
 
 def test_papillon_rollout_with_an_outside_lm_over_http(server, lm):

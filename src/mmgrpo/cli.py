@@ -11,7 +11,7 @@ from .tasks import TASKS
 
 def _task_options(args) -> dict:
     opts = {}
-    for key in ("n_labels", "n_demos", "seed"):
+    for key in ("n_labels", "n_demos", "seed", "quality"):
         v = getattr(args, key, None)
         if v is not None:
             opts[key] = v
@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--n-labels", dest="n_labels", type=int, default=None, help="banking77: narrow the label set")
     e.add_argument("--n-demos", dest="n_demos", type=int, default=None, help="banking77: labelled demos in the prompt")
     e.add_argument("--no-reasoning", action="store_true", help="banking77: label only, no reasoning field")
+    e.add_argument("--quality", choices=["chrf", "judge"], default=None,
+                   help="papillon: the quality half of the metric (default chrf without a judge endpoint)")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--out", default="runs", help="folder for the results")
     _device_args(e)

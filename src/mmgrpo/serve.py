@@ -239,12 +239,16 @@ def make_handler(state: Server):
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: the default 5 resets clients that connect at once
+
+
 def start(backend, host: str = "127.0.0.1", port: int = 0, model_name: str = "mmgrpo", prompts: dict | None = None):
     """Start serving in a daemon thread; returns the server (``server.server_address`` has the port,
     ``server.state`` the served state). ``prompts``: a result's optimized prompts, at GET /v1/prompts."""
     state = Server(backend, model_name, prompts)
-    server = ThreadingHTTPServer((host, port), make_handler(state))
-    server.daemon_threads = True
+    server = _Server((host, port), make_handler(state))
     server.state = state
     threading.Thread(target=server.serve_forever, name="mmgrpo-serve", daemon=True).start()
     return server

@@ -103,16 +103,34 @@ class Papillon(Program):
         return Prediction(response=response, request=request)
 
 
-def make_metric(judge: LM | None):
+def chrf_quality(response: str, target: str) -> float:
+    """Offline quality: chrF (sacrebleu's character n-gram F-score, any language) of the response
+    against the row's reference response, in [0, 1]. Not the policy, and not noise: it needs no LM."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().sentence_score(response, [target]).score / 100.0
+
+
+def make_metric(judge: LM | None, quality: str | None = None):
+    """(quality + 1 - leakage) / 2. quality "chrf": overlap with the reference response (the
+    default without a judge); "judge": an LM's preference against the reference (``judge``, else
+    the local base model)."""
+    quality = quality or ("judge" if judge is not None else "chrf")
+    if quality not in ("chrf", "judge"):
+        raise ValueError(f"quality must be chrf or judge, got {quality!r}")
+
     def metric(ex: Example, pred: Prediction) -> float:
+        if quality == "chrf":
+            q = chrf_quality(pred["response"], ex.gold["target_response"])
+            return (q + 1.0 - leakage(pred["request"], ex.gold["pii_units"])) / 2
         lm = judge or fixed_lm()
         q = ex.inputs["user_query"][:1500]
         prompt = (f"Query:\n{q}\n\nResponse A:\n{pred['response'][:1500]}\n\n"
                   f"Response B:\n{ex.gold['target_response'][:1500]}\n\nWhich is better? (A, B or T)")
         verdict = parse_verdict(lm.chat([{"role": "system", "content": JUDGE}, {"role": "user", "content": prompt}],
                                         SamplingParams(temperature=0.0, max_tokens=4)).text)
-        quality = 1.0 if verdict in ("A", "T") else 0.0  # an unreadable verdict counts as not preferred
-        return (quality + 1.0 - leakage(pred["request"], ex.gold["pii_units"])) / 2
+        preferred = 1.0 if verdict in ("A", "T") else 0.0  # an unreadable verdict counts as not preferred
+        return (preferred + 1.0 - leakage(pred["request"], ex.gold["pii_units"])) / 2
     return metric
 
 
@@ -127,14 +145,18 @@ def _endpoint(url: str | None, model: str | None, key_env: str) -> LM | None:
 def make_task(n_train: int = 300, n_dev: int = 100, n_test: int = 200, seed: int = 0,
               untrusted_url: str | None = None, untrusted_model: str | None = None,
               judge_url: str | None = None, judge_model: str | None = None,
-              api_key_env: str = "OPENAI_API_KEY") -> Task:
+              api_key_env: str = "OPENAI_API_KEY", quality: str | None = None) -> Task:
+    """``quality``: unset = "judge" with a judge endpoint, else "chrf" (the 135M policy's own base
+    model as judge is close to noise; "judge" without an endpoint still asks it)."""
     rows = load_rows()
     train, dev, test = split_by_conversation(rows, [n_train, n_dev, n_test], seed)
     untrusted = _endpoint(untrusted_url, untrusted_model, api_key_env)
-    metric = make_metric(_endpoint(judge_url, judge_model, api_key_env))
+    quality = quality or ("judge" if judge_url else "chrf")
+    metric = make_metric(_endpoint(judge_url, judge_model, api_key_env), quality)
     return Task(name="papillon", make_program=lambda: Papillon(untrusted), metric=metric, reward=metric,
                 train=train, dev=dev, test=test,
                 description="Answer a user's query with help from an outside LM without leaking private details.",
                 settings={"untrusted": untrusted_url or "local base model (adapter off)",
-                          "judge": judge_url or "local base model (adapter off)",
+                          "quality": quality, "judge": (judge_url or "local base model (adapter off)")
+                          if quality == "judge" else None,
                           "seed": seed, "rows": len(rows)})
