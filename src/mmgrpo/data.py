@@ -80,8 +80,6 @@ def read_jsonl(path: str | Path, input_fields: Sequence[str] | None) -> list[Exa
         raise FileNotFoundError(f"data file {path} does not exist")
     out = []
     for n, line in lines(path):
-        if not line.strip():
-            continue
         where = f"{path}:{n}"
         try:
             row = json.loads(line)

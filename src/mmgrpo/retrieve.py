@@ -30,8 +30,6 @@ class Passage:
 def read_corpus(path: str | Path) -> list[Passage]:
     out = []
     for n, line in lines(path):
-        if not line.strip():
-            continue
         try:
             row = json.loads(line)
             out.append(Passage(str(row["title"]), str(row["text"])))

@@ -129,10 +129,14 @@ def sample(program: Program, examples: Sequence[Example], metric: Metric, lm: LM
             for fut in futures:
                 fut.result()
     bar.close()
+    return RolloutResult(trajectories=trajs, seconds=time.perf_counter() - t0, counts=status_counts(trajs))
+
+
+def status_counts(trajs: Sequence[Trajectory]) -> dict[str, int]:
     counts = {OK: 0, PARSE_FAILURE: 0, ERROR: 0}
     for t in trajs:
         counts[t.status] += 1
-    return RolloutResult(trajectories=trajs, seconds=time.perf_counter() - t0, counts=counts)
+    return counts
 
 
 @dataclass

@@ -16,8 +16,7 @@ from typing import Callable, Sequence
 
 from .lm.base import SamplingParams
 from .program import Example, Metric
-from .rollout import RolloutResult, sample
-from .trace import ERROR, OK, PARSE_FAILURE
+from .rollout import RolloutResult, sample, status_counts
 
 
 def _ray():
@@ -67,8 +66,7 @@ class RaySampler:
         self.actor_cls = ray.remote(num_cpus=cpus_per_worker, max_concurrency=64)(RolloutWorker)
         self.args = (make_program, metric, policy)
         self.workers = [self._start() for _ in range(n_workers)]
-        self.retries = 0  # examples run again after their worker died, over this sampler's life
-        self.last_retried: list[str] = []
+        self.last_retried: list[str] = []  # examples run again in the last call, their worker having died
 
     def _start(self):
         return self.actor_cls.remote(*self.args)
@@ -85,13 +83,12 @@ class RaySampler:
             raise ValueError("no examples to run: the data set (or the split/limit chosen) is empty")
         t0 = time.perf_counter()
         prompts = program.prompt_state()
-        per_call = max(1, concurrency // max(1, n_samples))  # examples a worker runs at once
 
         def submit(k: int, w: int, tries: int) -> None:
             # the seed of sample s of example e is trajectory_seed(seed, e.id, s) wherever it runs
             actor = self.workers[w]
             ref = actor.run.remote([examples[k]], prompts, model, version, n_samples, params, seed,
-                                   format_failure_score, failure_score, n_samples * per_call)
+                                   format_failure_score, failure_score, concurrency)
             pending[ref] = (k, w, actor, tries)
 
         pending: dict = {}
@@ -112,14 +109,10 @@ class RaySampler:
                 if self.workers[w] is actor:  # the first of its examples to report: start a replacement
                     self.workers[w] = self._start()
                 submit(k, (w + 1) % len(self.workers), tries + 1)  # another worker (the new one if alone)
-        self.retries += len(retried)
         self.last_retried = retried
         trajs = [t for k in range(len(examples)) for t in done[k].trajectories]
-        counts = {OK: 0, PARSE_FAILURE: 0, ERROR: 0}
-        for t in trajs:
-            counts[t.status] += 1
         return RolloutResult(trajectories=trajs, seconds=time.perf_counter() - t0,
-                             counts={**counts, "worker_retries": len(retried)})
+                             counts={**status_counts(trajs), "worker_retries": len(retried)})
 
     def close(self) -> None:
         for w in self.workers:

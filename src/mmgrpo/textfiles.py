@@ -18,8 +18,10 @@ def read_text(path: str | Path) -> str:
 
 
 def lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) for every line, blank ones included."""
-    yield from enumerate(read_text(path).splitlines(), start=1)
+    """(line number, line) for every line that is not blank (JSONL files)."""
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
+        if line.strip():
+            yield n, line
 
 
 def csv_rows(path: str | Path) -> Iterator[tuple[int, dict]]:

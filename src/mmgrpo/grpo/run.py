@@ -253,7 +253,6 @@ def fit(job: MMGRPO) -> dict:
     """Run (or continue) the job to cfg.steps; return the summary."""
     if not job.main:
         return follow(job)
-    cfg = job.cfg
     start = job.resume()
     distributed.broadcast(start)
     try:

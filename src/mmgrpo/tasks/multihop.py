@@ -64,8 +64,6 @@ def _hotpot_examples(path: Path | None = None) -> list[Example]:
     path = path or data_path("hotpotqa", "questions.jsonl")
     out = []
     for n, line in lines(path):
-        if not line.strip():
-            continue
         try:
             r = json.loads(line)
             out.append(_claim(r["question_id"], r["question"], r["gold_titles"]))
