@@ -4,6 +4,7 @@ prompt arm's search, and a resumed comparison skips finished arms; plus the upda
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,48 @@ def test_update_prompt_without_demos_is_the_instruction_and_input(lm):
     bare = update_prompt(call, lm.tokenize_chat, False)
     assert bare == lm.tokenize_chat(program.classify.render({"query": "I lost my card"}, with_demos=False))
     assert len(bare) < len(call.prompt_ids)
+
+
+def test_compare_over_seeds_folders_table_and_resume(tmp_path, capsys):
+    from mmgrpo.compare import compare, saved_settings
+    from mmgrpo.grpo.config import load_config
+
+    cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.seed=3",
+                                       "run.eval_examples=4", "run.progress=false"],
+                      defaults={"task_options": {"n_labels": 10, "n_demos": 2, "reasoning": False}})
+    arms = (("baseline", ""),)
+    summary = compare(cfg, test_limit=4, arms=arms, seeds=2)
+    root = Path(summary["folder"])
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["seed-3", "seed-4"]
+    for s in (3, 4):  # each seed a whole comparison of its own, with its run seed
+        arm = json.loads((root / f"seed-{s}" / "baseline" / "arm.json").read_text())
+        assert arm["test_n"] == 4
+        assert json.loads((root / f"seed-{s}" / "compare.json").read_text())["config"]["seed"] == s
+    row = summary["arms"]["baseline"]
+    assert row["seeds"] == 2 and len(row["test_by_seed"]) == 2 and row["test"] == pytest.approx(
+        sum(row["test_by_seed"]) / 2)
+    assert "seed sd" in (root / "table.txt").read_text()
+    assert saved_settings(root)[1] == {"test_limit": 4, "arms": arms, "seeds": 2}
+    before = (root / "table.txt").read_text()
+    assert main(["compare", "--resume", str(root)]) == 0  # nothing left to run: the same table
+    assert (root / "table.txt").read_text() == before
+
+
+def test_across_seeds_averages_examples_then_pairs(tmp_path):
+    from mmgrpo.compare import _across_seeds
+    from mmgrpo.grpo.config import TrainConfig
+    from mmgrpo.runlog import RunDir
+
+    def rec(name, scores):
+        return {"strategy": name, "test": sum(scores) / len(scores), "test_ids": ["a", "b", "c", "d"],
+                "test_scores": scores, "dev": 0.5, "seconds": 10.0, "lm_calls": 4, "gen_tokens": 8,
+                "prompt_tokens": 16, "resumed": False}
+    per_seed = [{"weights": rec("weights", [1, 0, 0, 0]), "prompts_weights": rec("p", [1, 1, 0, 0])},
+                {"weights": rec("weights", [0, 0, 1, 0]), "prompts_weights": rec("p", [1, 1, 1, 1])}]
+    out = _across_seeds(RunDir(tmp_path), TrainConfig(), per_seed)["arms"]
+    assert out["weights"]["test"] == pytest.approx(0.25) and out["prompts_weights"]["test"] == pytest.approx(0.75)
+    assert out["prompts_weights"]["seed_sd"] == pytest.approx(0.125 ** 0.5)  # seeds 0.5 and 1.0
+    assert out["weights"]["seed_sd"] == 0.0
+    # per example: weights .5 0 .5 0, p->w 1 1 .5 .5; differences .5 1 0 .5
+    assert out["weights"]["vs_prompts_weights"] == pytest.approx(paired_diff([1, 1, .5, .5], [.5, 0, .5, 0]))
+    assert out["prompts_weights"]["test_ci95"] == pytest.approx(1.96 * (1 / 12) ** 0.5 / 2)

@@ -110,14 +110,14 @@ def cmd_compare(args) -> int:
     from .grpo.config import load_config
 
     if args.resume and not args.config and not args.set and not args.task:
-        cfg, limit = saved_settings(args.resume)
+        cfg, kwargs = saved_settings(args.resume)
     else:
         task = args.task or "banking77"
         cfg = load_config(args.config, overrides=[f"task.name={task}", *(args.set or [])],
                           defaults=None if args.config else PRESETS.get(task))
-        limit = args.test_limit
+        kwargs = {"test_limit": args.test_limit, "seeds": args.seeds}
     t0 = time.time()
-    compare(cfg, root=args.resume, test_limit=limit)
+    compare(cfg, root=args.resume, **kwargs)
     print(f"total {time.time() - t0:.0f}s")
     return 0
 
@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--resume", default=None, help="a comparison folder to finish (its saved settings are used)")
     c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     c.add_argument("--test-limit", dest="test_limit", type=int, default=None, help="score the first N test examples")
+    c.add_argument("--seeds", type=int, default=1,
+                   help="run the comparison once per run seed (seed, seed+1, ...) and report the spread")
     c.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server over a model or a result (--run)")

@@ -1,0 +1,98 @@
+"""Which mmGRPO settings make prompts -> weights learn, on dev only (test is never scored here).
+
+One prompt search (the task's `compare` preset), then one prompts -> weights run per variant from
+that same search result, each variant changing one setting of the preset: the update with or
+without the demos in its prompt, loss normalization, learning rate, group level, ... Every run
+keeps its folder (metrics.jsonl with per-module statistics, dev.jsonl), and the summary is
+studies/results/<task>_settings.json. Finished variants are skipped when the study is run again.
+
+Usage: python studies/composition_settings.py --task banking77 [--variants base no_demos dapo]
+       [--set SECTION.KEY=VALUE ...] [--out runs/study-settings]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from mmgrpo.compare import PRESETS
+from mmgrpo.grpo.config import load_config
+
+VARIANTS = {  # name -> overrides of the preset (config attribute names)
+    "base": {},
+    "no_demos": {"train_with_demos": False},  # the reference implementation trains without the demos
+    "dapo": {"loss_type": "dapo"},
+    "lr3e-4": {"learning_rate": 3e-4},
+    "lr3e-5": {"learning_rate": 3e-5},
+    "trajectory": {"group_level": "trajectory"},  # the paper's ablation: one group per example
+    "t1.0": {"temperature": 1.0},
+    "g16": {"group_size": 16, "batch_examples": 4},  # same trajectories per step, bigger groups
+}
+
+
+def run_variant(cfg, root: Path, name: str, search: Path) -> dict:
+    from mmgrpo.compose import run as run_strategy
+    from mmgrpo.grpo.run import build
+    from mmgrpo.runlog import RunDir
+
+    folder = root / name
+    done = folder / "variant.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    vcfg = dataclasses.replace(cfg, **VARIANTS[name], strategy="prompts -> weights", name=name, out=str(root))
+    resumed = (folder / "config.json").exists()
+    job = build(vcfg, resume=str(folder) if resumed else None, path=folder)
+    shutil.copyfile(search, folder / "prompts_step0.json")  # the same search for every variant
+    t0 = time.time()
+    run_strategy(vcfg, job=job)
+    run = RunDir(folder)
+    devs, steps = run.read_log("dev.jsonl"), run.read_log()
+    rec = {"variant": name, "overrides": VARIANTS[name], "dev_by_step": {d["step"]: d["dev"] for d in devs},
+           "dev_ci95_last": devs[-1]["dev_ci95"], "dev_n": devs[-1]["dev_n"],
+           "best_dev": max(d["dev"] for d in devs), "final_dev": devs[-1]["dev"],
+           "reward_by_step": [round(s["reward_mean"], 4) for s in steps],
+           "groups_used_by_step": [s["groups_used"] for s in steps],
+           "parse_failures_by_step": [s["n_parse_failure"] for s in steps],
+           "seconds": time.time() - t0, "resumed": resumed}
+    done.write_text(json.dumps(rec, indent=2) + "\n")
+    if hasattr(job.backend, "close"):
+        job.backend.close()
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="banking77", choices=sorted(PRESETS))
+    ap.add_argument("--variants", nargs="+", default=["base", "no_demos", "dapo", "lr3e-4"], choices=sorted(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--out", default="runs/study-settings")
+    args = ap.parse_args()
+    cfg = load_config(None, overrides=[f"task.name={args.task}", "run.progress=false", *args.set],
+                      defaults=PRESETS[args.task])
+    root = Path(args.out) / args.task
+    root.mkdir(parents=True, exist_ok=True)
+    search = root / "search" / "prompts_step0.json"
+    if not search.exists():  # the prompt search alone, once
+        from mmgrpo.compose import run as run_strategy
+        from mmgrpo.grpo.run import build
+
+        pcfg = dataclasses.replace(cfg, strategy="prompts", name="search", out=str(root))
+        resumed = (root / "search" / "config.json").exists()
+        run_strategy(pcfg, job=build(pcfg, resume=str(root / "search") if resumed else None, path=root / "search"))
+    rows = []
+    for name in args.variants:
+        rec = run_variant(cfg, root, name, search)
+        rows.append(rec)
+        print(json.dumps({k: rec[k] for k in ("variant", "dev_by_step", "best_dev", "seconds")}), flush=True)
+    out = Path(__file__).parent / "results" / f"{args.task}_settings.json"
+    old = {r["variant"]: r for r in json.loads(out.read_text())} if out.exists() else {}
+    old.update({r["variant"]: r for r in rows})
+    out.write_text(json.dumps(list(old.values()), indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
