@@ -1,10 +1,11 @@
 """Rollout throughput on the embedded model: 1, 8 and 32 concurrent programs vs sequential,
 with deterministic batching (the default: a batch waits for every running program) and without
-(a batch starts after 50 ms).
+(a batch starts after 50 ms), each with continuous batching (a finished row's slot is refilled by
+the next waiting request: the default) and without (a batch waits for its longest row).
 
-Prints trajectories/s and generated tokens/s for each setting, the ratio against concurrency 1
-and the cost of determinism (deterministic / timed throughput), measured in the same run.
-Usage: python benchmarks/rollout_throughput.py [--n 32]
+Prints trajectories/s and generated tokens/s for each setting, the ratio against concurrency 1,
+the gain of continuous batching and the cost of determinism, measured in the same run.
+Usage: python benchmarks/rollout_throughput.py [--n 64]
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from mmgrpo.tasks import get_task
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=32, help="trajectories per setting")
+    ap.add_argument("--n", type=int, default=64, help="trajectories per setting")
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -36,18 +37,27 @@ def main():
     rows = []
     for deterministic in (True, False):
         lm.deterministic = deterministic
-        for conc in (1, 8, 32):
-            before = lm.stats["generated_tokens"]
-            res = sample(prog, exs, task.reward, lm, params=params, concurrency=conc, progress=False, seed=conc)
-            toks = lm.stats["generated_tokens"] - before
-            rows.append((deterministic, conc, len(exs) / res.seconds, toks / res.seconds, res.seconds))
-    base = rows[0][2]
-    print(f"{'deterministic':>13} {'concurrency':>11} {'traj/s':>8} {'gen tok/s':>10} {'seconds':>8} {'vs sequential':>14}")
-    for det, conc, tps, toks, secs in rows:
-        print(f"{str(det):>13} {conc:>11} {tps:>8.2f} {toks:>10.1f} {secs:>8.1f} {tps / base:>13.2f}x")
-    by = {(det, conc): tps for det, conc, tps, _, _ in rows}
+        for continuous in (True, False):
+            lm.continuous = continuous
+            for conc in (1, 8, 32):
+                if conc == 1 and not continuous:
+                    continue  # one program: nothing to refill
+                before = lm.stats["generated_tokens"]
+                res = sample(prog, exs, task.reward, lm, params=params, concurrency=conc, progress=False, seed=conc)
+                toks = lm.stats["generated_tokens"] - before
+                rows.append((deterministic, continuous, conc, len(exs) / res.seconds, toks / res.seconds, res.seconds))
+    base = rows[0][3]
+    print(f"{'deterministic':>13} {'continuous':>10} {'concurrency':>11} {'traj/s':>8} {'gen tok/s':>10} {'seconds':>8} "
+          f"{'vs sequential':>14}")
+    for det, cont, conc, tps, toks, secs in rows:
+        print(f"{str(det):>13} {str(cont):>10} {conc:>11} {tps:>8.2f} {toks:>10.1f} {secs:>8.1f} {tps / base:>13.2f}x")
+    by = {(det, cont, conc): tps for det, cont, conc, _, _, _ in rows}
     for conc in (8, 32):
-        print(f"deterministic / timed batching at concurrency {conc}: {by[True, conc] / by[False, conc]:.2f}x")
+        print(f"continuous / static batching at concurrency {conc} (deterministic): "
+              f"{by[True, True, conc] / by[True, False, conc]:.2f}x")
+        print(f"deterministic / timed batching at concurrency {conc} (continuous): "
+              f"{by[True, True, conc] / by[False, True, conc]:.2f}x")
+    print(f"ratio={by[True, True, 32] / base:.2f} (deterministic, continuous, 32 concurrent programs vs sequential)")
 
 
 if __name__ == "__main__":

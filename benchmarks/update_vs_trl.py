@@ -92,6 +92,7 @@ def main():
     print(f"batch: {len(grouping.groups)} groups, {n_seq} sequences")
     print(f"mmgrpo update: {a:.1f}s   TRL compute_loss+backward: {b:.1f}s   (medians of {args.repeats})")
     print(f"mmgrpo / TRL time: {a / b:.2f}x")
+    print(f"ratio={a / b:.3f}")
 
 
 if __name__ == "__main__":

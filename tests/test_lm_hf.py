@@ -91,3 +91,35 @@ def test_local_folder_loads_like_the_embedded_name(lm, tmp_path):
     path = resolve("smollm2-135m")
     m = load(path)
     assert m.model.config.hidden_size == lm.model.config.hidden_size
+
+
+def test_continuous_batching_refills_freed_slots_and_each_row_decodes_as_alone(lm):
+    import threading
+
+    topics = ["the sea", "a red bicycle", "winter", "bread", "a small town", "music", "rain", "the moon", "tea"]
+    work = [[(lm.tokenize_chat([{"role": "user", "content": f"Write about {topics[(3 * k + j) % 9]}."}]),
+              SamplingParams(temperature=0.0 if j % 2 else 1.0, max_tokens=4 + 7 * ((k + j) % 3), seed=10 * k + j))
+             for j in range(4)] for k in range(3)]  # 3 programs, 4 calls each, lengths 4 / 11 / 18
+    solo = [[lm.generate_batch([p], [sp])[0] for p, sp in calls] for calls in work]
+    got = [[None] * 4 for _ in work]
+    before, old = dict(lm.stats), lm.max_batch
+    lm.max_batch = 2  # fewer slots than programs: a freed slot must be refilled mid-batch
+    try:
+        with lm.clients(3) as handle:
+            def program(k):
+                for j, (p, sp) in enumerate(work[k]):
+                    got[k][j] = lm.complete(p, sp)
+                handle.leave()
+            threads = [threading.Thread(target=program, args=(k,)) for k in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+    finally:
+        lm.max_batch = old
+    for k in range(3):
+        for j in range(4):
+            assert got[k][j].token_ids == solo[k][j].token_ids, (k, j)
+            assert got[k][j].logprobs == pytest.approx(solo[k][j].logprobs, abs=1e-4)
+    assert lm.stats["refills"] - before["refills"] >= 4  # requests joined a running batch
+    assert lm.stats["requests"] - before["requests"] == 12

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import sampling
 from .base import Completion, SamplingParams
 from .remote import chat_prompt_ids
 
@@ -69,7 +70,8 @@ class HFBackend:
         self._plain = False  # True when adapters were added to a plain model: None then means BASE
         self.device = device or next(model.parameters()).device
         self.lock = threading.RLock()  # held while generating; the trainer holds it to update
-        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefix_hits": 0}
+        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefix_hits": 0,
+                      "refills": 0}
         self.version = 0  # rises with every weight update (see weights_changed)
         self.prefix_cache_size = prefix_cache_size
         self.min_prefix = 16
@@ -86,6 +88,8 @@ class HFBackend:
                 stop_ids.add(tid)
         self.stop_ids = {t for t in stop_ids if t is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.continuous = True  # freed batch slots are refilled by waiting requests (see _decode)
+        self._joined: list[_Request] = []  # requests admitted into the running batch
         self._worker = threading.Thread(target=self._loop, name="mmgrpo-hf-batcher", daemon=True)
         self._worker.start()
 
@@ -217,26 +221,54 @@ class HFBackend:
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            variants = list(dict.fromkeys(r.adapter for r in batch))  # in the batch's (sorted) order
-            for adapter in variants:
-                part = [r for r in batch if r.adapter == adapter]
-                try:
-                    results = self.generate_batch([r.prompt_ids for r in part], [r.params for r in part], adapter)
-                    for r, res in zip(part, results):
-                        r.future.set_result(res)
-                except BaseException as exc:  # noqa: BLE001 - delivered to every waiting caller
-                    for r in part:
-                        if not r.future.done():
-                            r.future.set_exception(exc)
+            adapter = batch[0].adapter  # one variant at a time; the others go back to the queue, in order
+            part = [r for r in batch if r.adapter == adapter]
+            if len(part) < len(batch):
+                with self._cv:
+                    self._pending[:0] = [r for r in batch if r.adapter != adapter]
+            try:
+                self._generate(part, adapter, admit=self.continuous)
+            except BaseException as exc:  # noqa: BLE001 - delivered to every caller still waiting
+                for r in part:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
+                for r in self._joined:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
+
+    def _admit(self, adapter: str | None, free: int, live: int) -> list[_Request]:
+        """Waiting requests of the running variant for the slots that rows freed (continuous
+        batching). Deterministic mode first waits until every declared program thread is either
+        decoding or waiting, so which requests join at which step is a function of the programs."""
+        if free <= 0:
+            return []
+        with self._cv:
+            if self.deterministic:
+                while not self._closed and len(self._pending) + live < self._active:
+                    self._cv.wait()
+                self._pending.sort(key=_Request.order)
+            take = [r for r in self._pending if r.adapter == adapter][:free]
+            if take:
+                taken = {id(r) for r in take}
+                self._pending = [r for r in self._pending if id(r) not in taken]
+        self._joined += take
+        return take
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], params: list[SamplingParams],
                        adapter: str | None = None) -> list[Completion]:
+        reqs = [_Request(list(p), sp, Future(), adapter) for p, sp in zip(prompts, params, strict=True)]
+        self._generate(reqs, adapter, admit=False)
+        return [r.future.result() for r in reqs]
+
+    @torch.no_grad()
+    def _generate(self, reqs: list[_Request], adapter: str | None, admit: bool) -> None:
         with self.lock, self._variant(adapter):
             was_training = self.model.training
             self.model.eval()
+            self._joined = []
             try:
-                return self._decode(prompts, params, adapter)
+                self._decode(reqs, adapter, admit)
             finally:
                 if was_training:
                     self.model.train()
@@ -313,7 +345,7 @@ class HFBackend:
                              position_ids=pos.to(self.device), cache=cache, use_cache=True,
                              logits_to_keep=1)
             for j, i in enumerate(rows):
-                logits[i] = out.logits[j, -1].float().cpu()
+                logits[i] = out.logits[j, -1].float()  # stays on the device: sampling runs there
             if not full_k:
                 for layer in out.cache.layers:
                     shape = (B, layer.keys.shape[1], P + S, layer.keys.shape[3])
@@ -330,82 +362,133 @@ class HFBackend:
             cache.update(full_k[li], full_v[li], li)
         return torch.stack(logits), cache, mask, last_pos, P + S
 
-    def _decode(self, prompts, params, adapter: str | None = None) -> list[Completion]:
-        B = len(prompts)
-        gens = []
-        for p in params:
-            g = torch.Generator(device="cpu")  # unseeded: fresh entropy, the global RNG untouched
-            g.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-            gens.append(g)
-        # log-probs under the distribution each token is drawn from: softmax(logits / T)
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
-        max_new = max(p.max_tokens for p in params)
-        logits, cache, mask, last_pos, col = self._prefill(prompts, max_new, adapter)
-        toks: list[list[int]] = [[] for _ in range(B)]
-        lps: list[list[float]] = [[] for _ in range(B)]
-        done = [False] * B
-        finish = ["length"] * B
-        live = list(range(B))  # original row of each batch position; finished rows are dropped
-        for step in range(max_new):
-            logp = torch.log_softmax(logits / temps[live].unsqueeze(-1), dim=-1)
-            nxt = torch.empty(len(live), dtype=torch.long)
-            for j, i in enumerate(live):
-                nxt[j] = t = _sample(logp[j], params[i], gens[i])
-                toks[i].append(t)
-                lps[i].append(float(logp[j, t]))
-                if t in self.stop_ids:
-                    done[i], finish[i] = True, "stop"
-                elif len(toks[i]) >= params[i].max_tokens:
-                    done[i] = True
-                elif params[i].stop:
-                    text = self.tokenizer.decode(toks[i], skip_special_tokens=True)
-                    if any(s in text for s in params[i].stop):
-                        done[i], finish[i] = True, "stop"
-            keep = [j for j, i in enumerate(live) if not done[i]]
-            if not keep:
+    def _decode(self, reqs: list[_Request], adapter: str | None, admit: bool) -> None:
+        """Decode ``reqs`` one token per step for every row; a row's result is delivered the step it
+        finishes, and with ``admit`` waiting requests take the freed slots (joining with their own
+        prefill, see `_join`) instead of the batch waiting for its longest row."""
+        dev = self.device
+        rows: list[_Row] = []
+        state = None  # (logits, cache, mask, last_pos, col) of the rows
+        new = reqs
+        while True:
+            if new:
+                rows, state = self._join(rows, state, [_Row(r) for r in new], adapter)
+            if not rows:
                 break
-            if len(keep) < len(live):  # compact: finished rows cost nothing from here on
-                idx = torch.tensor(keep)
-                on_dev = idx.to(self.device)
-                live = [live[j] for j in keep]
-                nxt, mask, last_pos = nxt[idx], mask[on_dev], last_pos[on_dev]
+            logits, cache, mask, last_pos, col = state
+            p = [r.req.params for r in rows]
+            # log-probs under the distribution each token is drawn from: softmax(logits / T)
+            temps = torch.tensor([x.temperature if x.temperature > 0 else 1.0 for x in p], device=dev)
+            logp = torch.log_softmax(logits / temps.unsqueeze(-1), dim=-1)
+            nxt = sampling.draw(logp, torch.tensor([x.temperature > 0 for x in p], device=dev),
+                                torch.tensor([x.top_p for x in p], device=dev),
+                                torch.tensor([r.seed for r in rows], dtype=torch.long, device=dev),
+                                torch.tensor([len(r.toks) for r in rows], dtype=torch.long, device=dev))
+            chosen = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            keep = []
+            for j, (t, lp) in enumerate(zip(nxt.tolist(), chosen.tolist())):  # the only copy to the host
+                if self._step(rows[j], t, lp):
+                    self._deliver(rows[j])
+                else:
+                    keep.append(j)
+            if len(keep) < len(rows):  # compact: finished rows cost nothing from here on
+                idx = torch.tensor(keep, dtype=torch.long, device=dev)
+                rows = [rows[j] for j in keep]
+                nxt, mask, last_pos = nxt[idx], mask[idx], last_pos[idx]
                 for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[on_dev], layer.values[on_dev]
+                    layer.keys, layer.values = layer.keys[idx], layer.values[idx]
                     layer.batch_size = len(keep)
-            mask[:, col] = 1
-            col += 1
-            last_pos = last_pos + 1
-            out = self.model(input_ids=nxt.view(-1, 1).to(self.device), attention_mask=mask, position_ids=last_pos,
-                             cache=cache, use_cache=True)
-            cache = out.cache
-            logits = out.logits[:, -1, :].float().cpu()
-        results = []
-        for i in range(B):
-            text = self.tokenizer.decode([t for t in toks[i] if t not in self.stop_ids], skip_special_tokens=True)
-            for s in params[i].stop:
-                if s in text:
-                    text = text[: text.index(s)]
-            results.append(Completion(text=text, token_ids=toks[i], logprobs=lps[i], prompt_ids=list(prompts[i]),
-                                      finish_reason=finish[i]))
-        self.stats["requests"] += B
+            if rows:
+                mask[:, col] = 1
+                col += 1
+                last_pos = last_pos + 1
+                out = self.model(input_ids=nxt.view(-1, 1), attention_mask=mask, position_ids=last_pos,
+                                 cache=cache, use_cache=True)
+                state = (out.logits[:, -1, :].float(), out.cache, mask, last_pos, col)
+            else:
+                state = None
+            new = self._admit(adapter, self.max_batch - len(rows), len(rows)) if admit else []
+
+    def _step(self, row: "_Row", t: int, lp: float) -> bool:
+        """Record a sampled token; True when the row is finished."""
+        row.toks.append(t)
+        row.lps.append(lp)
+        p = row.req.params
+        if t in self.stop_ids:
+            row.finish = "stop"
+            return True
+        if len(row.toks) >= p.max_tokens:
+            return True
+        if p.stop and any(s in self.tokenizer.decode(row.toks, skip_special_tokens=True) for s in p.stop):
+            row.finish = "stop"
+            return True
+        return False
+
+    def _deliver(self, row: "_Row") -> None:
+        p, toks = row.req.params, row.toks
+        text = self.tokenizer.decode([t for t in toks if t not in self.stop_ids], skip_special_tokens=True)
+        for s in p.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        self.stats["requests"] += 1
+        self.stats["generated_tokens"] += len(toks)
+        self.stats["prompt_tokens"] += len(row.req.prompt_ids)
+        row.req.future.set_result(Completion(text=text, token_ids=toks, logprobs=row.lps,
+                                             prompt_ids=list(row.req.prompt_ids), finish_reason=row.finish))
+
+    def _join(self, rows: list["_Row"], state, new: list["_Row"], adapter: str | None):
+        """Prefill ``new`` rows and merge them into the running rows' cache: both blocks are
+        right-aligned at the same column (the running rows' keys shift right when the new prompts
+        are longer), columns no row attends to any more are dropped, and the cache is sized for the
+        most tokens any row may still write."""
         self.stats["batches"] += 1
-        self.stats["generated_tokens"] += sum(len(t) for t in toks)
-        self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
-        return results
+        budget = max(r.req.params.max_tokens - len(r.toks) for r in rows + new)
+        nl, ncache, nmask, npos, ncol = self._prefill([r.req.prompt_ids for r in new], budget, adapter)
+        if not rows:
+            return new, (nl, ncache, nmask, npos, ncol)
+        self.stats["refills"] += len(new)
+        logits, cache, mask, last_pos, col = state
+        top = max(col, ncol)
+        trim = min(min(r.start for r in rows) + top - col, top - ncol)  # columns dead for every row
+        C = top - trim
+        L = C + budget
+        so, sn = top - col - trim, top - ncol - trim  # where each block's column 0 lands
+        for r in rows:
+            r.start += so
+        for r in new:
+            r.start = sn
+        lo = max(0, trim - (top - col))  # the first running column kept
+        B = len(rows) + len(new)
+        for layer, nlayer in zip(cache.layers, ncache.layers):
+            for name in ("keys", "values"):
+                old, add = getattr(layer, name), getattr(nlayer, name)
+                grid = old.new_zeros((B, old.shape[1], L, old.shape[3]))
+                grid[:len(rows), :, so + lo:so + col] = old[:, :, lo:col]
+                grid[len(rows):, :, sn:sn + ncol] = add[:, :, :ncol]
+                setattr(layer, name, grid)
+            layer.max_cache_len, layer.batch_size = L, B
+            layer.cumulative_length = torch.tensor(C, dtype=layer.cumulative_length.dtype,
+                                                   device=layer.cumulative_length.device)
+        grid_mask = mask.new_zeros((B, L))
+        grid_mask[:len(rows), so + lo:so + col] = mask[:, lo:col]
+        grid_mask[len(rows):, sn:sn + ncol] = nmask[:, :ncol]
+        return rows + new, (torch.cat([logits, nl]), cache, grid_mask, torch.cat([last_pos, npos]), C)
 
 
-def _sample(logp: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """Draw from the tempered log-probs; top-p keeps the nucleus (the recorded log-prob stays
-    the full tempered one, which is what the trainer recomputes: see lm/base.py)."""
-    if p.temperature == 0:
-        return int(torch.argmax(logp))
-    probs = torch.exp(logp)
-    if p.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = (sorted_p.cumsum(-1) - sorted_p) < p.top_p  # always keeps the top token
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        return int(order[torch.multinomial(sorted_p, 1, generator=gen)])
-    return int(torch.multinomial(probs, 1, generator=gen))
+@dataclass
+class _Row:
+    """A request being decoded: its tokens so far, and the first cache column it attends to."""
+    req: _Request
+    toks: list = None
+    lps: list = None
+    finish: str = "length"
+    start: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        self.toks, self.lps = [], []
+        s = self.req.params.seed  # unseeded rows get fresh entropy (the global RNG untouched)
+        self.seed = (s if s is not None else int.from_bytes(os.urandom(8), "little")) % (1 << 63)
 
 
 def _common_prefix_len(seqs: list[list[int]]) -> int:
