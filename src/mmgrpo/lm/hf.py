@@ -89,7 +89,6 @@ class HFBackend:
         self.stop_ids = {t for t in stop_ids if t is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.continuous = True  # freed batch slots are refilled by waiting requests (see _decode)
-        self._joined: list[_Request] = []  # requests admitted into the running batch
         self._worker = threading.Thread(target=self._loop, name="mmgrpo-hf-batcher", daemon=True)
         self._worker.start()
 
@@ -226,17 +225,9 @@ class HFBackend:
             if len(part) < len(batch):
                 with self._cv:
                     self._pending[:0] = [r for r in batch if r.adapter != adapter]
-            try:
-                self._generate(part, adapter, admit=self.continuous)
-            except BaseException as exc:  # noqa: BLE001 - delivered to every caller still waiting
-                for r in part:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
-                for r in self._joined:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
+            self._generate(part, adapter, admit=self.continuous)
 
-    def _admit(self, adapter: str | None, free: int, live: int) -> list[_Request]:
+    def _admit(self, adapter: str | None, free: int, live: int, joined: list[_Request]) -> list[_Request]:
         """Waiting requests of the running variant for the slots that rows freed (continuous
         batching). Deterministic mode first waits until every declared program thread is either
         decoding or waiting, so which requests join at which step is a function of the programs."""
@@ -251,7 +242,7 @@ class HFBackend:
             if take:
                 taken = {id(r) for r in take}
                 self._pending = [r for r in self._pending if id(r) not in taken]
-        self._joined += take
+        joined += take
         return take
 
     @torch.no_grad()
@@ -263,15 +254,22 @@ class HFBackend:
 
     @torch.no_grad()
     def _generate(self, reqs: list[_Request], adapter: str | None, admit: bool) -> None:
-        with self.lock, self._variant(adapter):
-            was_training = self.model.training
-            self.model.eval()
-            self._joined = []
-            try:
-                self._decode(reqs, adapter, admit)
-            finally:
-                if was_training:
-                    self.model.train()
+        """Decode ``reqs`` (and, with ``admit``, the requests that join them); every result or the
+        error that stopped the batch reaches its request's future."""
+        joined: list[_Request] = []
+        try:
+            with self.lock, self._variant(adapter):
+                was_training = self.model.training
+                self.model.eval()
+                try:
+                    self._decode(reqs, adapter, admit, joined)
+                finally:
+                    if was_training:
+                        self.model.train()
+        except BaseException as exc:  # noqa: BLE001 - delivered to every caller still waiting
+            for r in reqs + joined:
+                if not r.future.done():
+                    r.future.set_exception(exc)
 
     def weights_changed(self) -> None:
         """Call after an update: cached prompt prefixes were computed with the old weights."""
@@ -362,7 +360,7 @@ class HFBackend:
             cache.update(full_k[li], full_v[li], li)
         return torch.stack(logits), cache, mask, last_pos, P + S
 
-    def _decode(self, reqs: list[_Request], adapter: str | None, admit: bool) -> None:
+    def _decode(self, reqs: list[_Request], adapter: str | None, admit: bool, joined: list[_Request]) -> None:
         """Decode ``reqs`` one token per step for every row; a row's result is delivered the step it
         finishes, and with ``admit`` waiting requests take the freed slots (joining with their own
         prefill, see `_join`) instead of the batch waiting for its longest row."""
@@ -407,7 +405,7 @@ class HFBackend:
                 state = (out.logits[:, -1, :].float(), out.cache, mask, last_pos, col)
             else:
                 state = None
-            new = self._admit(adapter, self.max_batch - len(rows), len(rows)) if admit else []
+            new = self._admit(adapter, self.max_batch - len(rows), len(rows), joined) if admit else []
 
     def _step(self, row: "_Row", t: int, lp: float) -> bool:
         """Record a sampled token; True when the row is finished."""
