@@ -2,6 +2,8 @@
 machine's fp32 matmul peak measured in the same run.
 
 Usage: python benchmarks/update_mfu.py [--examples 8] [--group-size 8] [--repeats 2]
+Both shared-prefix kernels (prefix_attention "packed" and "cache") run on the same batch, alternating;
+the useful FLOPs are the same for both, so their fractions of the peak compare their speed.
 FLOPs counted: linear layers 2*params*tokens forward and the same again backward (input
 gradients through the frozen weights), LoRA 3x its forward, the LM head on predicted positions,
 and attention over the (query, key) pairs the mask allows (the useful work, not the dense mask).
@@ -49,19 +51,26 @@ def main():
     seqs = [(m.call.prompt_ids, m.call.completion_ids) for m in grouping.members]
     flops, tokens = update_flops(trainer.backend.model.config, trainer.cfg.lora_r, seqs, trainer.plan(seqs))
     peak_before = mm_peak_gflops()
-    times = []
+    times = {"packed": [], "cache": []}
+    base = trainer.cfg.to_dict()
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        trainer.update(grouping)
-        times.append(time.perf_counter() - t0)
+        for mode in times:
+            trainer.cfg = TrainConfig(**{**base, "prefix_attention": mode})
+            t0 = time.perf_counter()
+            trainer.update(grouping)
+            times[mode].append(time.perf_counter() - t0)
     peak = max(peak_before, mm_peak_gflops())
-    secs = statistics.median(times)
-    achieved = flops / secs / 1e9
-    print(f"update: {len(seqs)} sequences packed into {tokens} tokens, {flops / 1e12:.2f} TFLOP, "
-          f"median {secs:.1f}s of {args.repeats}")
-    print(f"achieved {achieved:.0f} GFLOP/s; fp32 torch.mm peak {peak:.0f} GFLOP/s; "
-          f"fraction of peak {achieved / peak:.2f}")
-
+    print(f"update: {len(seqs)} sequences, {tokens} tokens with each prompt once, {flops / 1e12:.2f} TFLOP of "
+          f"useful work; fp32 torch.mm peak {peak:.0f} GFLOP/s (measured before and after)")
+    frac = {}
+    for mode, ts in times.items():
+        secs = statistics.median(ts)
+        frac[mode] = flops / secs / 1e9 / peak
+        print(f"prefix_attention = {mode:<6}: median {secs:.1f}s of {args.repeats}, {flops / secs / 1e9:.0f} GFLOP/s, "
+              f"fraction of peak {frac[mode]:.2f}")
+    best = max(frac, key=frac.get)
+    print(f"cache / packed update time: {frac['packed'] / frac['cache']:.2f}x")
+    print(f"ratio={frac[best]:.3f} (fraction of the fp32 matmul peak, prefix_attention = {best})")
 
 if __name__ == "__main__":
     main()

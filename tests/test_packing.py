@@ -47,35 +47,40 @@ def trainers(request):
     return lm, packed
 
 
-def _loss_and_grads(trainer, seqs, adv, coefs):
+def _loss_and_grads(trainer, seqs, adv, coefs, temps=None):
     trainer.model.zero_grad(set_to_none=True)
     total = 0.0
     for mb in trainer.plan(seqs):
-        logp, mask = trainer.logprobs([seqs[i] for i in mb])
+        logp, mask = trainer.logprobs([seqs[i] for i in mb], [temps[i] for i in mb] if temps else None)
         out = grpo_loss(logp, logp.detach() - 0.05, adv[mb], mask, coefs[mb], beta=0.0)
         out.loss.backward()
         total += float(out.loss.detach())
     return total, [p.grad.clone() for p in trainer.params]
 
 
-def test_shared_prefix_gives_the_same_loss_and_gradients_as_padding(trainers):
+@pytest.mark.parametrize("prefix_attention", ["packed", "cache"])
+def test_shared_prefix_gives_the_same_loss_and_gradients_as_padding(trainers, prefix_attention):
     lm, trainer = trainers
     tok = lm.tokenizer
     prompts = [lm.tokenize_chat([{"role": "user", "content": q}]) for q in ("Name a color.", "What is two plus two?")]
     replies = [["Blue.", "Red, I think", "green"], ["Four.", "2 + 2 = 4", "It is four, of course."]]
     seqs = [(p, tok.encode(r, add_special_tokens=False) + [tok.eos_token_id]) for p, rs in zip(prompts, replies) for r in rs]
-    adv = torch.tensor([1.0, -0.5, -0.5, 0.8, -1.2, 0.4])
-    coefs = torch.tensor(sequence_coefficients([len(c) for _, c in seqs], [1.0] * 6, "grpo"))
-    packed_loss, packed_grads = _loss_and_grads(trainer, seqs, adv, coefs)
-    plans = trainer.plan(seqs)
-    trainer.cfg = dataclasses.replace(trainer.cfg, shared_prefix=False)
+    seqs.append((prompts[0], [tok.eos_token_id]))  # a one-token completion: predicted by the prompt alone
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.8, -1.2, 0.4, 0.3])
+    coefs = torch.tensor(sequence_coefficients([len(c) for _, c in seqs], [1.0] * 7, "grpo"))
+    temps = [0.7, 1.0, 0.7, 1.3, 1.0, 0.9, 1.0]
+    base = trainer.cfg
     try:
-        plain_loss, plain_grads = _loss_and_grads(trainer, seqs, adv, coefs)
+        trainer.cfg = dataclasses.replace(base, shared_prefix=True, prefix_attention=prefix_attention)
+        shared_loss, shared_grads = _loss_and_grads(trainer, seqs, adv, coefs, temps)
+        plans = trainer.plan(seqs)
+        trainer.cfg = dataclasses.replace(base, shared_prefix=False)
+        plain_loss, plain_grads = _loss_and_grads(trainer, seqs, adv, coefs, temps)
     finally:
-        trainer.cfg = dataclasses.replace(trainer.cfg, shared_prefix=True)
-    assert len(plans) >= 1 and sum(len(b) for b in plans) == 6
-    assert packed_loss == pytest.approx(plain_loss, abs=1e-5)
-    num = sum(float((a - b).norm() ** 2) for a, b in zip(packed_grads, plain_grads)) ** 0.5
+        trainer.cfg = base
+    assert len(plans) >= 1 and sum(len(b) for b in plans) == 7
+    assert shared_loss == pytest.approx(plain_loss, abs=1e-5)
+    num = sum(float((a - b).norm() ** 2) for a, b in zip(shared_grads, plain_grads)) ** 0.5
     den = sum(float(b.norm() ** 2) for b in plain_grads) ** 0.5
     assert den > 0 and num / den < 1e-3, (num, den)
 

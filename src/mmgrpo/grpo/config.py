@@ -179,8 +179,14 @@ class TrainConfig:
     shared_prefix: bool = True
     """Pack each prompt once with all its completions after it (block attention mask) instead
     of one padded sequence per completion: same loss and gradients, far fewer tokens."""
+    prefix_attention: str = "packed"
+    """How shared_prefix computes each prompt once: "packed" (prompt and completions in one row under
+    a block mask: exact everywhere, but the attention kernel computes the masked-out blocks too) or
+    "cache" (the distinct prompts as one batch, then every completion as a batch attending to its
+    prompt's cached keys/values, gradients flowing back through them: no masked-out blocks)."""
     pack_tokens: int = 1024
-    """Tokens per packed micro-batch (shared_prefix): the dense block mask grows as its square."""
+    """Tokens per shared-prefix micro-batch (each prompt once + its completions); with "packed" the
+    dense block mask grows as its square."""
     token_budget: int = 4096
     """Padded tokens per micro-batch (shared_prefix off): bounds memory; gradients accumulate."""
     lora_r: int = 16
@@ -232,6 +238,7 @@ class TrainConfig:
         need(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "must be constant, linear or cosine")
         need(self.token_budget >= 64, "token_budget", "must be >= 64")
         need(64 <= self.pack_tokens <= 8192, "pack_tokens", "must be between 64 and 8192")
+        need(self.prefix_attention in ("packed", "cache"), "prefix_attention", "must be packed or cache")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(0 <= self.max_error_rate <= 1, "max_error_rate", "must be in [0, 1]")
         need(self.train_with_demos or self.tis_cap is None, "tis_cap",
@@ -291,7 +298,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "grpo": {k: k for k in ("grouping", "group_level", "scale_rewards", "per_trajectory_norm", "loss_type", "epsilon",
                             "epsilon_high", "beta", "num_iterations", "tis_cap", "mismatch_tolerance",
                             "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "max_nonfinite_steps",
-                            "shared_prefix", "pack_tokens", "token_budget", "lora_r", "lora_alpha", "lora_dropout",
+                            "shared_prefix", "prefix_attention", "pack_tokens", "token_budget", "lora_r", "lora_alpha", "lora_dropout",
                             "lora_targets", "train_with_demos")},
     "prompts": {"optimizer": "prompt_optimizer", "candidates": "prompt_candidates", "max_demos": "prompt_max_demos",
                 "train_examples": "prompt_train_examples", "instructions": "prompt_instructions",

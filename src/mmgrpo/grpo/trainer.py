@@ -60,9 +60,10 @@ class Trainer:
             backend.peft = self.model  # the backend's frozen view switches it off
             backend.weights_changed()
         attn = getattr(self.model.config, "_attn_implementation", "sdpa")
-        if cfg.shared_prefix and attn not in ("sdpa", "eager"):
+        if cfg.shared_prefix and cfg.prefix_attention == "packed" and attn not in ("sdpa", "eager"):
             raise ValueError(f"shared_prefix = true needs 'sdpa' or 'eager' attention (a block mask); the model "
-                             f"uses {attn!r}: set shared_prefix = false or load the model with sdpa")
+                             f"uses {attn!r}: set prefix_attention = \"cache\" (no block mask), shared_prefix = "
+                             "false, or load the model with sdpa")
         self.attn = attn
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         distributed.sync_params(self.params)
@@ -97,7 +98,11 @@ class Trainer:
         and their mask: packed or padded."""
         t = torch.tensor([x if x > 0 else 1.0 for x in temps] if temps else [1.0] * len(seqs))
         t = t.to(self.backend.device)
-        return self.packed_logprobs(seqs, t) if self.cfg.shared_prefix else self.completion_logprobs(seqs, t)
+        if not self.cfg.shared_prefix:
+            return self.completion_logprobs(seqs, t)
+        if self.cfg.prefix_attention == "cache":
+            return self.cached_logprobs(seqs, t)
+        return self.packed_logprobs(seqs, t)
 
     def packed_logprobs(self, seqs: list[tuple[list[int], list[int]]],
                         temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +119,57 @@ class Trainer:
         flat = token_logprobs(out.logits[0] / temps[rows].unsqueeze(-1), pk.targets.to(dev))
         logp, mask = unpack(flat, pk, len(seqs))
         return logp, mask.to(dev)
+
+    def cached_logprobs(self, seqs: list[tuple[list[int], list[int]]],
+                        temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each distinct prompt once (left-padded into one batch, keeping its keys/values), then all
+        completions as one batch, each attending to its prompt's cached keys/values: attention only
+        over what a token may see. Gradients flow back into the prompts through the cache."""
+        from transformers import DynamicCache
+
+        dev, pad = self.backend.device, self.backend.pad_id
+        index: dict[tuple, int] = {}
+        which = [index.setdefault(tuple(p), len(index)) for p, _ in seqs]
+        prompts = list(index)
+        B, n_p, P = len(seqs), len(prompts), max(len(p) for p in prompts)
+        T = max(len(c) for _, c in seqs)
+        ids = torch.full((n_p, P), pad, dtype=torch.long)
+        pmask = torch.zeros((n_p, P), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, P - len(p):] = torch.tensor(p)
+            pmask[j, P - len(p):] = 1
+        ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(dev), attention_mask=pmask.to(dev), position_ids=ppos.to(dev),
+                         cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+        rows = torch.tensor(which, device=dev)
+        logits = out.logits[:, -1][rows].unsqueeze(1)  # (B, 1, V): each prompt's last position
+        if T > 1:  # completion tokens but the last, after their prompt's keys/values
+            cids = torch.full((B, T - 1), pad, dtype=torch.long)
+            cmask = torch.zeros((B, P + T - 1), dtype=torch.long)
+            cmask[:, :P] = pmask[which]
+            cpos = torch.zeros((B, T - 1), dtype=torch.long)
+            for i, (p, c) in enumerate(seqs):
+                n = len(c) - 1
+                cids[i, :n] = torch.tensor(c[:-1], dtype=torch.long)
+                cmask[i, P:P + n] = 1
+                cpos[i] = torch.arange(len(p), len(p) + T - 1)
+            cache = DynamicCache()
+            for li, layer in enumerate(out.cache.layers):
+                cache.update(layer.keys[rows], layer.values[rows], li)
+            rest = self.model(input_ids=cids.to(dev), attention_mask=cmask.to(dev), position_ids=cpos.to(dev),
+                              cache=cache, use_cache=True).logits
+            logits = torch.cat([logits, rest], dim=1)  # (B, T, V), left-aligned: column k predicts token k
+        targets = torch.full((B, T), pad, dtype=torch.long)
+        valid = torch.zeros((B, T), dtype=torch.bool)
+        for i, (_, c) in enumerate(seqs):
+            targets[i, :len(c)] = torch.tensor(c)
+            valid[i, :len(c)] = True
+        lp = token_logprobs(logits / temps.view(-1, 1, 1), targets.to(dev))
+        # right-align, as the other paths return them: row i's tokens end at column T - 1
+        shift = torch.tensor([T - len(c) for _, c in seqs])
+        src = (torch.arange(T).unsqueeze(0) - shift.unsqueeze(1)) % T  # right column j takes left j - shift
+        mask = valid.gather(1, src)
+        return lp.gather(1, src.to(dev)) * mask.to(dev), mask.to(dev)
 
     def completion_logprobs(self, seqs: list[tuple[list[int], list[int]]],
                             temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
