@@ -103,6 +103,12 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text('[rollout]\ngroup_size = "eight"\n')
     with pytest.raises(ValueError, match="key 'group_size' must be of type"):
         load_config(bad)
+    bad.write_text('[rollout]\nservers = [1]\n')  # a list of URLs, not of numbers
+    with pytest.raises(ValueError, match=r"key 'servers' must be of type list\[str\]"):
+        load_config(bad)
+    bad.write_text('[grpo]\nprefix_attention = "flash"\n')
+    with pytest.raises(ValueError, match="'prefix_attention': must be packed or cache"):
+        load_config(bad)
     bad.write_text('[rollout]\ngroup_size = 1\n')
     with pytest.raises(ValueError, match="'group_size': must be >= 2"):
         load_config(bad)

@@ -111,7 +111,7 @@ class TrainConfig:
     """Rollout batches hold one request of every running program, in a fixed order, so the
     sampled tokens do not depend on timing: on CPU the same seed gives the same run even on a
     busy machine. False starts a batch after 50 ms without waiting for every program."""
-    servers: list = field(default_factory=list)
+    servers: list[str] = field(default_factory=list)
     """Policy servers that sample the rollouts and dev evaluations, e.g. ["http://127.0.0.1:8000/v1"]:
     `vllm serve MODEL --enable-lora --logprobs-mode processed_logprobs` (with
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) or `mmgrpo serve --model MODEL`, serving the same base
@@ -195,7 +195,7 @@ class TrainConfig:
     """LoRA scaling numerator."""
     lora_dropout: float = 0.0
     """LoRA dropout."""
-    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj"])
     """Module names LoRA wraps."""
 
@@ -214,7 +214,7 @@ class TrainConfig:
     """Run folder prefix."""
     progress: bool = True
     """Progress bars (false: quiet, for CI and logs)."""
-    report_to: list = field(default_factory=list)
+    report_to: list[str] = field(default_factory=list)
     """Trackers beside metrics.jsonl (always written): any of "tensorboard", "wandb" (offline mode),
     "mlflow" (a SQLite store in the run folder); each needs its package (mmgrpo[tensorboard] ...)."""
 
