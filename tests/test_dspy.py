@@ -106,8 +106,9 @@ def test_calls_are_token_exact_grouped_by_predictor_and_parse_failures_counted(l
         if t.status == OK:
             assert [(c.module, c.index) for c in t.calls] == [("query", 0), ("query", 1), ("answer", 0)]
     assert roll.counts[OK] >= 3 and len(set(roll.rewards)) > 1, roll.counts
+    assert ("query", 1) in {(c.module, c.index) for c in calls}  # the second call of a predictor is its own
     keys = {(g.module, g.index) for g in group_calls(roll.by_example(), "ragged", "module").groups}
-    assert ("query", 1) in keys and keys <= {("query", 0), ("query", 1), ("answer", 0)}
+    assert keys and keys <= {("query", 0), ("query", 1), ("answer", 0)}  # groups by (predictor, invocation)
     # a reply DSPy cannot parse: a counted parse failure with the raw reply kept
     bad = sample(program, exs[:1], dspy_metric(short_answer), scripted(lambda m: "no fields here"), n_samples=2,
                  progress=False)
