@@ -220,22 +220,22 @@ class HFBackend:
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            adapter = batch[0].adapter  # one variant at a time; the others go back to the queue, in order
-            part = [r for r in batch if r.adapter == adapter]
-            if len(part) < len(batch):
-                with self._cv:
-                    self._pending[:0] = [r for r in batch if r.adapter != adapter]
-            self._generate(part, adapter, admit=self.continuous)
+            variants = list(dict.fromkeys(r.adapter for r in batch))  # in the batch's (sorted) order
+            for k, adapter in enumerate(variants):  # one variant at a time
+                part = [r for r in batch if r.adapter == adapter]
+                held = sum(r.adapter in variants[k + 1:] for r in batch)  # waiting for their variant's turn
+                self._generate(part, adapter, admit=self.continuous, held=held)
 
-    def _admit(self, adapter: str | None, free: int, live: int, joined: list[_Request]) -> list[_Request]:
+    def _admit(self, adapter: str | None, free: int, waiting: int, joined: list[_Request]) -> list[_Request]:
         """Waiting requests of the running variant for the slots that rows freed (continuous
-        batching). Deterministic mode first waits until every declared program thread is either
-        decoding or waiting, so which requests join at which step is a function of the programs."""
+        batching). Deterministic mode first waits until every declared program thread is decoding
+        or waiting (``waiting``: the requests this batcher holds), so which requests join at which
+        step is a function of the programs."""
         if free <= 0:
             return []
         with self._cv:
             if self.deterministic:
-                while not self._closed and len(self._pending) + live < self._active:
+                while not self._closed and len(self._pending) + waiting < self._active:
                     self._cv.wait()
                 self._pending.sort(key=_Request.order)
             take = [r for r in self._pending if r.adapter == adapter][:free]
@@ -253,7 +253,7 @@ class HFBackend:
         return [r.future.result() for r in reqs]
 
     @torch.no_grad()
-    def _generate(self, reqs: list[_Request], adapter: str | None, admit: bool) -> None:
+    def _generate(self, reqs: list[_Request], adapter: str | None, admit: bool, held: int = 0) -> None:
         """Decode ``reqs`` (and, with ``admit``, the requests that join them); every result or the
         error that stopped the batch reaches its request's future."""
         joined: list[_Request] = []
@@ -262,7 +262,7 @@ class HFBackend:
                 was_training = self.model.training
                 self.model.eval()
                 try:
-                    self._decode(reqs, adapter, admit, joined)
+                    self._decode(reqs, adapter, admit, joined, held)
                 finally:
                     if was_training:
                         self.model.train()
@@ -360,7 +360,8 @@ class HFBackend:
             cache.update(full_k[li], full_v[li], li)
         return torch.stack(logits), cache, mask, last_pos, P + S
 
-    def _decode(self, reqs: list[_Request], adapter: str | None, admit: bool, joined: list[_Request]) -> None:
+    def _decode(self, reqs: list[_Request], adapter: str | None, admit: bool, joined: list[_Request],
+                held: int = 0) -> None:
         """Decode ``reqs`` one token per step for every row; a row's result is delivered the step it
         finishes, and with ``admit`` waiting requests take the freed slots (joining with their own
         prefill, see `_join`) instead of the batch waiting for its longest row."""
@@ -405,7 +406,7 @@ class HFBackend:
                 state = (out.logits[:, -1, :].float(), out.cache, mask, last_pos, col)
             else:
                 state = None
-            new = self._admit(adapter, self.max_batch - len(rows), len(rows), joined) if admit else []
+            new = self._admit(adapter, self.max_batch - len(rows), len(rows) + held, joined) if admit else []
 
     def _step(self, row: "_Row", t: int, lp: float) -> bool:
         """Record a sampled token; True when the row is finished."""
