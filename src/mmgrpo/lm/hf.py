@@ -318,8 +318,7 @@ class HFBackend:
         mask[:, :P] = 1
         last_pos = torch.zeros((B, 1), dtype=torch.long, device=self.device)
         logits = [None] * B
-        full_k: list[torch.Tensor] = []
-        full_v: list[torch.Tensor] = []
+        cache = StaticCache(config=self.model.config, max_cache_len=P + S + max_new)
         order = sorted(range(B), key=lambda i: lens[i])
         for c in range(0, B, self.prefill_chunk):
             rows = order[c:c + self.prefill_chunk]
@@ -335,29 +334,27 @@ class HFBackend:
                 pos[j, Sc - n:] = torch.arange(P, P + n)
                 mask[i, P + S - n:P + S] = 1
                 last_pos[i, 0] = P + n - 1
-            cache = DynamicCache()
+            chunk = DynamicCache()
             if prefix is not None:
                 for li, (k, v) in enumerate(prefix):
-                    cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), li)
+                    chunk.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), li)
             out = self.model(input_ids=ids.to(self.device), attention_mask=cmask.to(self.device),
-                             position_ids=pos.to(self.device), cache=cache, use_cache=True,
+                             position_ids=pos.to(self.device), cache=chunk, use_cache=True,
                              logits_to_keep=1)
             for j, i in enumerate(rows):
                 logits[i] = out.logits[j, -1].float()  # stays on the device: sampling runs there
-            if not full_k:
-                for layer in out.cache.layers:
-                    shape = (B, layer.keys.shape[1], P + S, layer.keys.shape[3])
-                    full_k.append(torch.zeros(shape, dtype=layer.keys.dtype, device=self.device))
-                    full_v.append(torch.zeros(shape, dtype=layer.values.dtype, device=self.device))
             idx = torch.tensor(rows, device=self.device)
-            for li, layer in enumerate(out.cache.layers):  # right-align: columns P+S-Sc .. P+S
-                full_k[li][idx, :, :P] = layer.keys[:, :, :P]
-                full_v[li][idx, :, :P] = layer.values[:, :, :P]
-                full_k[li][idx, :, P + S - Sc:] = layer.keys[:, :, P:]
-                full_v[li][idx, :, P + S - Sc:] = layer.values[:, :, P:]
-        cache = StaticCache(config=self.model.config, max_cache_len=P + S + max_new)
-        for li in range(len(full_k)):
-            cache.update(full_k[li], full_v[li], li)
+            for layer, part in zip(cache.layers, chunk.layers):  # written in place: no second copy
+                if not layer.is_initialized:  # (B, heads, P + S + max_new, dim) zeros
+                    layer.lazy_initialization(part.keys[:1].expand(B, -1, -1, -1),
+                                              part.values[:1].expand(B, -1, -1, -1))
+                for name in ("keys", "values"):  # right-align: columns P+S-Sc .. P+S
+                    dst, src = getattr(layer, name), getattr(part, name)
+                    dst[idx, :, :P] = src[:, :, :P]
+                    dst[idx, :, P + S - Sc:P + S] = src[:, :, P:]
+            del out, chunk
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(P + S)
         return torch.stack(logits), cache, mask, last_pos, P + S
 
     def _decode(self, reqs: list[_Request], adapter: str | None, admit: bool, joined: list[_Request],
