@@ -97,16 +97,17 @@ def run_shape(name, device, args):
     grouping = batch_of_groups(c["vocab_size"], 8, 8, P, T)
     peak = bf16_peak(device) if device == "cuda" else float("nan")
     res = {}
-    for shared in (True, False):
-        tr = Trainer(backend, TrainConfig(shared_prefix=shared, pack_tokens=4096, token_budget=8192,
-                                          max_tokens=T, lora_r=16))
+    for kind in ("packed", "cache", "padded"):
+        tr = Trainer(backend, TrainConfig(shared_prefix=kind != "padded", prefix_attention=kind if kind != "padded"
+                                          else "packed", pack_tokens=4096, token_budget=8192, max_tokens=T, lora_r=16,
+                                          progress=False))
         tr.update(grouping)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(args.repeats):
             tr.update(grouping)
         _sync(device)
-        res[shared] = (time.perf_counter() - t0) / args.repeats
+        res[kind] = (time.perf_counter() - t0) / args.repeats
         model = backend.model = tr.model.unload()  # drop LoRA before the next trainer
     seqs = [(m.call.prompt_ids, m.call.completion_ids) for m in grouping.members]
     n_packed = sum(len(g.members[0].call.prompt_ids) + sum(len(m.call.completion_ids) for m in g.members)
@@ -123,11 +124,13 @@ def run_shape(name, device, args):
     _sync(device)
     gen_s = time.perf_counter() - t0
     toks = sum(len(o.token_ids) for o in outs)
-    print(f"{name}: update shared-prefix {res[True]:.2f}s, padded {res[False]:.2f}s "
-          f"({res[True] / res[False]:.2f}x); packed {flops / res[True] / 1e12:.1f} TFLOP/s model FLOPs"
-          + (f" = {flops / res[True] / 1e12 / peak:.2f} of the bf16 peak {peak:.0f} TFLOP/s" if peak == peak else "")
+    def frac(secs):
+        return f"{flops / secs / 1e12:.1f} TFLOP/s" + (f" = {flops / secs / 1e12 / peak:.2f} of peak" if peak == peak else "")
+    print(f"{name}: update packed {res['packed']:.2f}s ({frac(res['packed'])}), cache {res['cache']:.2f}s "
+          f"({frac(res['cache'])}), padded {res['padded']:.2f}s; packed / padded {res['packed'] / res['padded']:.2f}x, "
+          f"cache / packed {res['cache'] / res['packed']:.2f}x"
+          + (f"; bf16 peak {peak:.0f} TFLOP/s" if peak == peak else "")
           + f"; decode {toks / gen_s:.0f} tok/s at batch {len(prompts)}", flush=True)
-
 
 def main():
     ap = argparse.ArgumentParser()
