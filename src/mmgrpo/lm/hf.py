@@ -1,14 +1,17 @@
 """Hugging Face transformers backend, in-process, with dynamic batching.
 
 Program threads call ``chat``/``complete``; one worker thread gathers the waiting requests
-into a single left-padded batch and decodes them together with a KV cache. Each row samples
-with its own seeded generator. The trainer updates the same ``model`` object in place: no sync.
+into a single left-padded batch and decodes them together with a KV cache. A finished row is
+answered at once and its slot refilled by the next waiting request (continuous batching). Each
+row samples with its own seed, on the model's device (sampling.py). The trainer updates the
+same ``model`` object in place: no sync.
 
 Determinism. A row's floating-point result depends on which rows share its batch (padding,
 the shared prefix, the kernel's blocking), so with batches formed by arrival time a token can
 flip when the machine is busy. In deterministic mode (the default) a batch is launched only
 when every program thread declared with ``clients`` is waiting on this backend, and its rows
-are put in a fixed order: the batches are then a function of the programs alone, not of timing.
+are put in a fixed order, and a freed slot is refilled only when every such thread is decoding or
+waiting: the batches are then a function of the programs alone, not of timing.
 Otherwise (``deterministic=False``, e.g. a server) a batch starts after ``max_wait_s``.
 
 Adapters. ``peft`` is the PeftModel injected into ``model`` (by the trainer, a loaded result,
