@@ -51,7 +51,7 @@ def main():
           f"{'vs sequential':>14}")
     for det, cont, conc, tps, toks, secs in rows:
         print(f"{str(det):>13} {str(cont):>10} {conc:>11} {tps:>8.2f} {toks:>10.1f} {secs:>8.1f} {tps / base:>13.2f}x")
-    by = {(det, cont, conc): tps for det, cont, conc, _, _, _ in rows}
+    by = {(d, c, n): t for d, c, n, t, _, _ in rows}
     for conc in (8, 32):
         print(f"continuous / static batching at concurrency {conc} (deterministic): "
               f"{by[True, True, conc] / by[True, False, conc]:.2f}x")

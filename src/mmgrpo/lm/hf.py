@@ -310,8 +310,12 @@ class HFBackend:
         from transformers import DynamicCache, StaticCache
 
         B = len(prompts)
-        P = _common_prefix_len(prompts) if self.prefix_cache_size else 0
-        P = min(P, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 token to produce logits
+        shortest = min(len(p) for p in prompts) - 1  # every row keeps >= 1 token to produce logits
+        P = min(_common_prefix_len(prompts), shortest) if self.prefix_cache_size and B > 1 else 0
+        # a kept prefix the prompts start with (rows joining a running batch one at a time reuse it)
+        kept = max((len(k) for a, k in self._prefix_cache if a == adapter and len(k) <= shortest
+                    and all(tuple(p[:len(k)]) == k for p in prompts)), default=0)
+        P = max(P, kept)
         if P < self.min_prefix:
             P = 0
         prefix = self._prefix_kv(prompts[0][:P], adapter) if P else None
