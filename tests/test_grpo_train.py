@@ -200,3 +200,21 @@ def test_error_rollouts_stop_the_run_before_training_and_it_resumes(tmp_path):
     fit(job)
     assert [r["step"] for r in RunDir(tmp_path).read_log()] == [1, 2]
     assert [r["step"] for r in RunDir(tmp_path).read_log("dev.jsonl")] == [0, 2]
+
+
+def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path):
+    import json
+
+    from mmgrpo.grpo.config import load_config
+    from mmgrpo.grpo.run import build
+
+    cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false"])
+    job = build(cfg, path=tmp_path / "run")
+    job.backend.close()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["config"]["prefix_attention"]  # as written by a version without the key
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    build(cfg, resume=str(tmp_path / "run")).backend.close()  # the missing key reads as its default
+    with pytest.raises(ValueError, match=r"differs from the run's saved config in \['prefix_attention'\]"):
+        build(load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false",
+                                           "grpo.prefix_attention=cache"]), resume=str(tmp_path / "run"))

@@ -146,6 +146,8 @@ def _open(cfg: TrainConfig, root, test_limit, arms, seeds: int) -> RunDir:
                 "arms": [a for a, _ in arms], **({"seeds": seeds} if seeds > 1 else {})}
     if saved.exists():
         old = json.loads(saved.read_text())
+        # a key added to mmgrpo after the comparison started reads as its default
+        old["config"] = {**json.loads(json.dumps(TrainConfig().to_dict())), **old["config"]}
         if old != settings:
             diff = sorted(k for k in old["config"] if old["config"].get(k) != settings["config"].get(k))
             raise ValueError(f"{run.path} was started with other settings (config keys {diff}, test_limit "

@@ -231,7 +231,8 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
         run = RunDir(resume)
         if not (run.path / "config.json").exists():
             raise FileNotFoundError(f"{resume} is not a run folder (no config.json)")
-        saved = run.read_json("config.json")["config"]
+        # a key added to mmgrpo after the run started reads as its default (the run ran without it)
+        saved = {**json.loads(json.dumps(TrainConfig().to_dict())), **run.read_json("config.json")["config"]}
         want = json.loads(json.dumps(cfg.to_dict()))
         diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k) and k not in MAY_CHANGE_ON_RESUME)
         if diff:
