@@ -385,7 +385,7 @@ class HFBackend:
             logp = torch.log_softmax(logits / temps.unsqueeze(-1), dim=-1)
             nxt = sampling.draw(logp, torch.tensor([x.temperature > 0 for x in p], device=dev),
                                 torch.tensor([x.top_p for x in p], device=dev),
-                                torch.tensor([r.seed for r in rows], dtype=torch.long, device=dev),
+                                sampling.seed_tensor([r.seed for r in rows], dev),
                                 torch.tensor([len(r.toks) for r in rows], dtype=torch.long, device=dev))
             chosen = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
             keep = []
@@ -491,7 +491,7 @@ class _Row:
     def __post_init__(self):
         self.toks, self.lps = [], []
         s = self.req.params.seed  # unseeded rows get fresh entropy (the global RNG untouched)
-        self.seed = (s if s is not None else int.from_bytes(os.urandom(8), "little")) % (1 << 63)
+        self.seed = s if s is not None else int.from_bytes(os.urandom(8), "little")
 
 
 def _common_prefix_len(seqs: list[list[int]]) -> int:
