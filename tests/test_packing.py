@@ -100,12 +100,13 @@ def test_the_frozen_view_is_the_base_model_whatever_the_adapter(trainers):
     judge = lm.frozen().complete(p, g)
 
     def forward_logprobs(ids):  # a plain forward pass over prompt + reply
-        with torch.no_grad():
+        with torch.no_grad():  # (the caller holds lm.lock: the batcher delivers a reply before leaving its variant)
             logits = trainer.model(input_ids=torch.tensor([p + ids])).logits[0, len(p) - 1:-1]
         return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids)[:, None])[:, 0].tolist()
 
-    with trainer.model.disable_adapter():
+    with lm.lock, trainer.model.disable_adapter():
         assert judge.logprobs == pytest.approx(forward_logprobs(judge.token_ids), abs=2e-3)
-    assert policy.logprobs == pytest.approx(forward_logprobs(policy.token_ids), abs=2e-3)
-    with trainer.model.disable_adapter():
+    with lm.lock:
+        assert policy.logprobs == pytest.approx(forward_logprobs(policy.token_ids), abs=2e-3)
+    with lm.lock, trainer.model.disable_adapter():
         assert policy.logprobs != pytest.approx(forward_logprobs(policy.token_ids), abs=1e-2)
