@@ -218,3 +218,15 @@ def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path):
     with pytest.raises(ValueError, match=r"differs from the run's saved config in \['prefix_attention'\]"):
         build(load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false",
                                            "grpo.prefix_attention=cache"]), resume=str(tmp_path / "run"))
+
+
+def test_continuous_batching_is_a_rollout_setting_that_reaches_the_backend(tmp_path):
+    from mmgrpo.grpo.config import load_config
+    from mmgrpo.grpo.run import build
+
+    for value in (True, False):
+        cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false",
+                                           f"rollout.continuous_batching={str(value).lower()}"])
+        job = build(cfg, path=tmp_path / str(value))
+        assert job.backend.continuous is value
+        job.backend.close()

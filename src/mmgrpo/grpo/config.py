@@ -111,6 +111,10 @@ class TrainConfig:
     """Rollout batches hold one request of every running program, in a fixed order, so the
     sampled tokens do not depend on timing: on CPU the same seed gives the same run even on a
     busy machine. False starts a batch after 50 ms without waiting for every program."""
+    continuous_batching: bool = True
+    """In-process rollouts: a finished reply's batch slot is refilled by the next waiting call
+    instead of the batch waiting for its longest row. The same tokens either way (each row draws
+    from its own seed), up to float rounding of batched logits; only the speed differs (benchmarks/rollout_throughput.py measures both)."""
     servers: list[str] = field(default_factory=list)
     """Policy servers that sample the rollouts and dev evaluations, e.g. ["http://127.0.0.1:8000/v1"]:
     `vllm serve MODEL --enable-lora --logprobs-mode processed_logprobs` (with
@@ -293,6 +297,7 @@ SECTIONS: dict[str, dict[str, str]] = {
              "reward": "reward", "train": "train_data", "dev": "dev_data", "test": "test_data", "prompts": "prompts"},
     "rollout": {k: k for k in ("batch_examples", "group_size", "temperature", "top_p", "max_tokens", "concurrency",
                                "format_failure_score", "failure_score", "max_error_rate", "deterministic",
+                               "continuous_batching",
                                "servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
                                "request_backoff_s", "workers", "ray_address")},
     "grpo": {k: k for k in ("grouping", "group_level", "scale_rewards", "per_trajectory_norm", "loss_type", "epsilon",

@@ -243,7 +243,7 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
     task = task or make_task(cfg)
     program = _load_program(cfg, task)
     backend = HFBackend.load(cfg.model, device=device, dtype=cfg.dtype, max_batch=max(cfg.concurrency, 1),
-                             deterministic=cfg.deterministic)
+                             deterministic=cfg.deterministic, continuous=cfg.continuous_batching)
     if not resume and distributed.rank() == 0:
         run.write_json("config.json", {"config": cfg.to_dict(), "task_settings": task.settings,
                                        "command": sys.argv, "prompts": program.prompt_state()})

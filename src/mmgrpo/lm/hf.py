@@ -63,7 +63,8 @@ class Clients:
 
 class HFBackend:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_wait_s: float = 0.05, device: str | None = None,
-                 prefix_cache_size: int = 4, prefill_chunk: int = 8, deterministic: bool = True):
+                 prefix_cache_size: int = 4, prefill_chunk: int = 8, deterministic: bool = True,
+                 continuous: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -72,7 +73,9 @@ class HFBackend:
         self.peft = None  # the PeftModel injected into model, once there is one
         self._plain = False  # True when adapters were added to a plain model: None then means BASE
         self.device = device or next(model.parameters()).device
-        self.lock = threading.RLock()  # held while generating; the trainer holds it to update
+        # held while generating; hold it to use `model` yourself (the trainer does to update): a reply
+        # is delivered while its batch may still run under its variant (an adapter set or switched off)
+        self.lock = threading.RLock()
         self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefix_hits": 0,
                       "refills": 0}
         self.version = 0  # rises with every weight update (see weights_changed)
@@ -91,7 +94,7 @@ class HFBackend:
                 stop_ids.add(tid)
         self.stop_ids = {t for t in stop_ids if t is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.continuous = True  # freed batch slots are refilled by waiting requests (see _decode)
+        self.continuous = continuous  # freed batch slots are refilled by waiting requests (see _decode)
         self._worker = threading.Thread(target=self._loop, name="mmgrpo-hf-batcher", daemon=True)
         self._worker.start()
 
