@@ -107,7 +107,7 @@ def test_continuous_batching_refills_freed_slots_and_each_row_decodes_as_alone(l
             for calls in work]
     got = [[None] * 4 for _ in work]
     before, old = dict(lm.stats), lm.max_batch
-    lm.max_batch = 2  # fewer slots than programs: a freed slot must be refilled mid-batch
+    lm.max_batch, lm.continuous = 2, True  # fewer slots than programs: a freed slot must be refilled mid-batch
     try:
         with lm.clients(3) as handle:
             def program(k):
@@ -120,7 +120,7 @@ def test_continuous_batching_refills_freed_slots_and_each_row_decodes_as_alone(l
             for t in threads:
                 t.join(timeout=300)
     finally:
-        lm.max_batch = old
+        lm.max_batch, lm.continuous = old, False
     for k in range(3):
         for j in range(4):
             assert got[k][j].token_ids == solo[k][j].token_ids, (k, j)

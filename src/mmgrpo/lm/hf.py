@@ -64,7 +64,7 @@ class Clients:
 class HFBackend:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_wait_s: float = 0.05, device: str | None = None,
                  prefix_cache_size: int = 4, prefill_chunk: int = 8, deterministic: bool = True,
-                 continuous: bool = True):
+                 continuous: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -371,7 +371,9 @@ class HFBackend:
                 held: int = 0) -> None:
         """Decode ``reqs`` one token per step for every row; a row's result is delivered the step it
         finishes, and with ``admit`` waiting requests take the freed slots (joining with their own
-        prefill, see `_join`) instead of the batch waiting for its longest row."""
+        prefill, see `_join`) instead of the batch waiting for its longest row. Finished rows stay in
+        the batch (their tokens ignored) until a quarter of it has finished: dropping them and merging
+        newcomers copies the whole cache, so it is done for several rows at once."""
         dev = self.device
         rows: list[_Row] = []
         state = None  # (logits, cache, mask, last_pos, col) of the rows
@@ -391,13 +393,14 @@ class HFBackend:
                                 sampling.seed_tensor([r.seed for r in rows], dev),
                                 torch.tensor([len(r.toks) for r in rows], dtype=torch.long, device=dev))
             chosen = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            keep = []
-            for j, (t, lp) in enumerate(zip(nxt.tolist(), chosen.tolist())):  # the only copy to the host
-                if self._step(rows[j], t, lp):
-                    self._deliver(rows[j])
-                else:
-                    keep.append(j)
-            if len(keep) < len(rows):  # compact: finished rows cost nothing from here on
+            for r, t, lp in zip(rows, nxt.tolist(), chosen.tolist()):  # the only copy to the host
+                if not r.done and self._step(r, t, lp):
+                    r.done = True
+                    self._deliver(r)
+            dead = sum(r.done for r in rows)
+            drop = dead > 0 and (dead == len(rows) or dead >= max(1, len(rows) // 4))
+            if drop:  # compact: finished rows cost nothing from here on
+                keep = [j for j, r in enumerate(rows) if not r.done]
                 idx = torch.tensor(keep, dtype=torch.long, device=dev)
                 rows = [rows[j] for j in keep]
                 nxt, mask, last_pos = nxt[idx], mask[idx], last_pos[idx]
@@ -413,7 +416,7 @@ class HFBackend:
                 state = (out.logits[:, -1, :].float(), out.cache, mask, last_pos, col)
             else:
                 state = None
-            new = self._admit(adapter, self.max_batch - len(rows), len(rows) + held, joined) if admit else []
+            new = self._admit(adapter, self.max_batch - len(rows), len(rows) + held, joined) if admit and drop else []
 
     def _step(self, row: "_Row", t: int, lp: float) -> bool:
         """Record a sampled token; True when the row is finished."""
@@ -490,6 +493,7 @@ class _Row:
     finish: str = "length"
     start: int = 0
     seed: int = 0
+    done: bool = False  # delivered; its slot is dropped with others' (see _decode)
 
     def __post_init__(self):
         self.toks, self.lps = [], []
