@@ -398,7 +398,7 @@ class HFBackend:
                     r.done = True
                     self._deliver(r)
             dead = sum(r.done for r in rows)
-            drop = dead > 0 and (dead == len(rows) or dead >= max(1, len(rows) // 4))
+            drop = dead >= max(1, len(rows) // 4)  # (all finished is always enough)
             if drop:  # compact: finished rows cost nothing from here on
                 keep = [j for j, r in enumerate(rows) if not r.done]
                 idx = torch.tensor(keep, dtype=torch.long, device=dev)
