@@ -127,3 +127,26 @@ def test_continuous_batching_refills_freed_slots_and_each_row_decodes_as_alone(l
             assert got[k][j].logprobs == pytest.approx(solo[k][j].logprobs, abs=1e-4)
     assert lm.stats["refills"] - before["refills"] >= 3  # requests joined a running batch
     assert lm.stats["requests"] - before["requests"] == 12
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+held = {}
+# registered before mmgrpo is imported, so it runs after mmgrpo's own exit hook (LIFO)
+atexit.register(lambda: print("batcher alive at exit:", held["lm"]._worker.is_alive(), flush=True))
+from mmgrpo.lm.base import SamplingParams
+from mmgrpo.lm.hf import HFBackend
+held["lm"] = lm = HFBackend.load("smollm2-135m")
+print(lm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0.0, max_tokens=4)).text, flush=True)
+"""
+
+
+def test_a_program_that_ends_right_after_its_reply_exits_cleanly():
+    """Replies leave before the batch leaves torch; a daemon batcher still in an op at interpreter
+    teardown aborts the process (CI saw rc -6), so every batcher is joined at exit."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "batcher alive at exit: False"

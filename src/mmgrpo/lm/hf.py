@@ -2,7 +2,7 @@
 
 Program threads call ``chat``/``complete``; one worker thread gathers the waiting requests
 into a single left-padded batch and decodes them together with a KV cache. A finished row is
-answered at once and its slot refilled by the next waiting request (continuous batching). Each
+answered at once; with ``continuous`` its slot is refilled by a waiting request. Each
 row samples with its own seed, on the model's device (sampling.py). The trainer updates the
 same ``model`` object in place: no sync.
 
@@ -20,8 +20,10 @@ switched off) or a loaded adapter's name; a batch runs one variant at a time.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import weakref
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
@@ -34,6 +36,16 @@ from .base import Completion, SamplingParams
 from .remote import chat_prompt_ids
 
 BASE = "<base>"  # a request's variant: the base model, every adapter off
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # backends whose batcher may still run
+
+
+@atexit.register
+def _close_all() -> None:
+    """Replies are delivered before the batch leaves torch, so a program can finish while its
+    daemon batcher is still mid-op; tearing the interpreter down then aborts the process
+    ("terminate called without an active exception"). Join every batcher first."""
+    for backend in list(_LIVE):
+        backend.close()
 
 
 @dataclass
@@ -97,6 +109,7 @@ class HFBackend:
         self.continuous = continuous  # freed batch slots are refilled by waiting requests (see _decode)
         self._worker = threading.Thread(target=self._loop, name="mmgrpo-hf-batcher", daemon=True)
         self._worker.start()
+        _LIVE.add(self)
 
     @classmethod
     def load(cls, name: str = "smollm2-135m", device: str = "auto", dtype: str = "auto", **kw) -> "HFBackend":
