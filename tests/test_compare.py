@@ -48,8 +48,12 @@ def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
         assert (root / "report" / f"{name}.png").exists() and f'<figure id="{name}">' in page
     assert all(f"<td>{arm}</td>" in page for arm in arms)
 
-    # resume: every arm is finished, nothing runs again, the same table comes back
+    # resume: every arm is finished, nothing runs again, the same table comes back; a comparison
+    # saved before a config key existed (here: continuous_batching) resumes with it at its default
     before = (root / "table.txt").read_text()
+    saved = json.loads((root / "compare.json").read_text())
+    del saved["config"]["continuous_batching"]
+    (root / "compare.json").write_text(json.dumps(saved))
     assert main(["compare", "--resume", str(root)]) == 0
     assert (root / "table.txt").read_text() == before
     # resuming with other settings is refused, naming the key

@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .grpo.config import TrainConfig
+from .grpo.config import TrainConfig, with_defaults
 from .rollout import evaluate, mean_ci
 from .runlog import RunDir, format_table, write_json
 
@@ -142,12 +142,11 @@ def _open(cfg: TrainConfig, root, test_limit, arms, seeds: int) -> RunDir:
     """The comparison folder, new or resumed; a resumed one must have been started with these settings."""
     run = RunDir.new(cfg.out, f"compare-{cfg.task}") if root is None else RunDir(root)
     saved = run.path / "compare.json"
-    settings = {"config": json.loads(json.dumps(cfg.to_dict())), "test_limit": test_limit,
+    settings = {"config": cfg.to_json(), "test_limit": test_limit,
                 "arms": [a for a, _ in arms], **({"seeds": seeds} if seeds > 1 else {})}
     if saved.exists():
         old = json.loads(saved.read_text())
-        # a key added to mmgrpo after the comparison started reads as its default
-        old["config"] = {**json.loads(json.dumps(TrainConfig().to_dict())), **old["config"]}
+        old["config"] = with_defaults(old["config"])
         if old != settings:
             diff = sorted(k for k in old["config"] if old["config"].get(k) != settings["config"].get(k))
             raise ValueError(f"{run.path} was started with other settings (config keys {diff}, test_limit "

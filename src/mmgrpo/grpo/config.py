@@ -272,6 +272,15 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_json(self) -> dict:
+        """As a run folder saves it (JSON types), so a saved config compares equal to it."""
+        return json.loads(json.dumps(self.to_dict()))
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config with each key added to mmgrpo since at its default: the run ran without it."""
+    return {**TrainConfig().to_json(), **saved}
+
 
 def _type_ok(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)

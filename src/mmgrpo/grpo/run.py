@@ -16,7 +16,7 @@ from ..rollout import evaluate, sample, trajectory_seed
 from ..runlog import MANIFEST, RunDir, format_table, recover_dir, verify_manifest
 from ..trace import ERROR
 from . import distributed
-from .config import TrainConfig
+from .config import TrainConfig, with_defaults
 from .groups import assign_weights, compute_advantages, group_calls
 from .stats import module_stats, sampled_entropy
 from .trainer import Trainer, write_latest
@@ -231,9 +231,8 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
         run = RunDir(resume)
         if not (run.path / "config.json").exists():
             raise FileNotFoundError(f"{resume} is not a run folder (no config.json)")
-        # a key added to mmgrpo after the run started reads as its default (the run ran without it)
-        saved = {**json.loads(json.dumps(TrainConfig().to_dict())), **run.read_json("config.json")["config"]}
-        want = json.loads(json.dumps(cfg.to_dict()))
+        saved = with_defaults(run.read_json("config.json")["config"])
+        want = cfg.to_json()
         diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k) and k not in MAY_CHANGE_ON_RESUME)
         if diff:
             raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}")
