@@ -1,0 +1,74 @@
+"""Does the main job (`./run.sh demo`) learn whatever the seed, and which setting makes it? Dev only.
+
+Each (variant, seed) is `mmgrpo train examples/banking77_demo.toml` with the variant's overrides and
+`run.seed`, in its own folder `OUT/runs/<variant>-s<seed>-<time>`; a finished folder (summary.json) is
+read, not rerun. The summary, studies/results/demo_seeds.json, holds each run's dev by step, training
+reward and sampled entropy by step, and per variant the mean and sd over seeds of the final and best dev.
+
+Usage: python studies/demo_seeds.py [--variants default lr3e-5 beta0.04] [--seeds 0 1 2] [--out runs/demostudy]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE.parent / "examples" / "banking77_demo.toml"
+VARIANTS = {  # name -> --set overrides of the demo config
+    "default": [],
+    "lr3e-5": ["grpo.learning_rate=3e-5"],
+    "beta0.04": ["grpo.beta=0.04"],  # KL to the adapter-off model
+}
+
+
+def run(out: Path, variant: str, seed: int) -> Path:
+    name = f"{variant}-s{seed}"
+    found = sorted((out / "runs").glob(f"{name}-2*"))
+    if found and (found[-1] / "summary.json").exists():
+        return found[-1]
+    sets = [f"run.seed={seed}", f"run.name={name}", f"run.out={out / 'runs'}", "run.progress=false", *VARIANTS[variant]]
+    cmd = [sys.executable, "-m", "mmgrpo.cli", "train", str(CONFIG), *[a for s in sets for a in ("--set", s)]]
+    if found:
+        cmd += ["--resume", str(found[-1])]
+    subprocess.run(cmd, check=True)
+    return sorted((out / "runs").glob(f"{name}-2*"))[-1]
+
+
+def read(folder: Path) -> dict:
+    dev = [json.loads(x) for x in (folder / "dev.jsonl").read_text().splitlines() if x.strip()]
+    steps = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {"folder": folder.name, "dev_by_step": {d["step"]: round(d["dev"], 4) for d in dev},
+            "final_dev": dev[-1]["dev"], "best_dev": max(d["dev"] for d in dev),
+            "reward_by_step": [round(s["reward_mean"], 3) for s in steps],
+            "entropy_by_step": [round(s["entropy"], 3) for s in steps]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--out", default="runs/demostudy")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    summary = {}
+    for v in args.variants:
+        runs = {s: read(run(out, v, s)) for s in args.seeds}
+        finals, bests = [r["final_dev"] for r in runs.values()], [r["best_dev"] for r in runs.values()]
+        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        summary[v] = {"overrides": VARIANTS[v], "seeds": args.seeds, "final_dev_mean": statistics.mean(finals),
+                      "final_dev_sd": sd(finals), "best_dev_mean": statistics.mean(bests), "best_dev_sd": sd(bests),
+                      "runs": runs}
+        print(f"{v:10s} final dev {statistics.mean(finals):.3f} (sd {sd(finals):.3f}) "
+              f"best {statistics.mean(bests):.3f}  by seed {[round(x, 3) for x in finals]}", flush=True)
+    path = HERE / "results" / "demo_seeds.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**old, **summary}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
