@@ -5,7 +5,7 @@ Each (variant, seed) is `mmgrpo train examples/banking77_demo.toml` with the var
 read, not rerun. The summary, studies/results/demo_seeds.json, holds each run's dev by step, training
 reward and sampled entropy by step, and per variant the mean and sd over seeds of the final and best dev.
 
-Usage: python studies/demo_seeds.py [--variants default lr3e-5 beta0.04] [--seeds 0 1 2] [--out runs/demostudy]
+Usage: python studies/demo_seeds.py [--variants lr1e-4 lr3e-5 beta0.04] [--seeds 0 1 2] [--out runs/demostudy]
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "examples" / "banking77_demo.toml"
-VARIANTS = {  # name -> --set overrides of the demo config
-    "default": [],
+VARIANTS = {  # name -> --set overrides of the demo config (whose learning rate was 1e-4 until this study)
+    "lr1e-4": ["grpo.learning_rate=1e-4"],
     "lr3e-5": ["grpo.learning_rate=3e-5"],
-    "beta0.04": ["grpo.beta=0.04"],  # KL to the adapter-off model
+    "beta0.04": ["grpo.learning_rate=1e-4", "grpo.beta=0.04"],  # KL to the adapter-off model
 }
 
 
