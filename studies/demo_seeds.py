@@ -4,8 +4,10 @@ Each (variant, seed) is `mmgrpo train examples/banking77_demo.toml` with the var
 `run.seed`, in its own folder `OUT/runs/<variant>-s<seed>-<time>`; a finished folder (summary.json) is
 read, not rerun. The summary, studies/results/demo_seeds.json, holds each run's dev by step, training
 reward and sampled entropy by step, and per variant the mean and sd over seeds of the final and best dev.
+With --test, each run's result (its best adapter by dev) is also scored once on the 200 test examples,
+paired against the untrained model on the same examples.
 
-Usage: python studies/demo_seeds.py [--variants lr1e-4 lr3e-5 beta0.04] [--seeds 0 1 2] [--out runs/demostudy]
+Usage: python studies/demo_seeds.py [--variants lr1e-4 lr3e-5 beta0.04] [--seeds 0 1 2] [--test] [--out runs/demostudy]
 """
 from __future__ import annotations
 
@@ -38,6 +40,16 @@ def run(out: Path, variant: str, seed: int) -> Path:
     return sorted((out / "runs").glob(f"{name}-2*"))[-1]
 
 
+def test_scores(out: Path, name: str, what: list[str]) -> dict:
+    """`mmgrpo eval ... --split test` once (kept in OUT/evals/NAME); its results.json."""
+    found = sorted((out / "evals" / name).glob("eval-*/results.json"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "mmgrpo.cli", "eval", *what, "--split", "test",
+                        "--out", str(out / "evals" / name)], check=True)
+        found = sorted((out / "evals" / name).glob("eval-*/results.json"))
+    return json.loads(found[-1].read_text())
+
+
 def read(folder: Path) -> dict:
     dev = [json.loads(x) for x in (folder / "dev.jsonl").read_text().splitlines() if x.strip()]
     steps = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -51,12 +63,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--test", action="store_true", help="score each run's result on test, paired with the start")
     ap.add_argument("--out", default="runs/demostudy")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     summary = {}
+    if args.test:
+        from mmgrpo.compare import paired_diff
+
+        base = test_scores(out, "untrained", ["--task", "banking77", "--n-labels", "10", "--n-demos", "5",
+                                              "--no-reasoning"])
     for v in args.variants:
-        runs = {s: read(run(out, v, s)) for s in args.seeds}
+        runs = {}
+        for s in args.seeds:
+            folder = run(out, v, s)
+            runs[s] = read(folder)
+            if args.test:
+                res = test_scores(out, folder.name, ["--run", str(folder)])
+                assert res["ids"] == base["ids"], "test examples differ from the untrained model's"
+                runs[s].update(test=res["mean"], test_n=res["n"], test_untrained=base["mean"],
+                               test_gain_paired=paired_diff(res["scores"], base["scores"]))
+                print(f"{v} seed {s}: test {base['mean']:.3f} -> {res['mean']:.3f}, paired "
+                      "{:+.3f} ± {:.3f}".format(*runs[s]["test_gain_paired"]), flush=True)
         finals, bests = [r["final_dev"] for r in runs.values()], [r["best_dev"] for r in runs.values()]
         sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
         summary[v] = {"overrides": VARIANTS[v], "seeds": args.seeds, "final_dev_mean": statistics.mean(finals),
