@@ -50,6 +50,10 @@ def test_scores(out: Path, name: str, what: list[str]) -> dict:
     return json.loads(found[-1].read_text())
 
 
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def read(folder: Path) -> dict:
     dev = [json.loads(x) for x in (folder / "dev.jsonl").read_text().splitlines() if x.strip()]
     steps = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -86,11 +90,10 @@ def main() -> None:
                 print(f"{v} seed {s}: test {base['mean']:.3f} -> {res['mean']:.3f}, paired "
                       "{:+.3f} ± {:.3f}".format(*runs[s]["test_gain_paired"]), flush=True)
         finals, bests = [r["final_dev"] for r in runs.values()], [r["best_dev"] for r in runs.values()]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
         summary[v] = {"overrides": VARIANTS[v], "seeds": args.seeds, "final_dev_mean": statistics.mean(finals),
-                      "final_dev_sd": sd(finals), "best_dev_mean": statistics.mean(bests), "best_dev_sd": sd(bests),
+                      "final_dev_sd": _sd(finals), "best_dev_mean": statistics.mean(bests), "best_dev_sd": _sd(bests),
                       "runs": runs}
-        print(f"{v:10s} final dev {statistics.mean(finals):.3f} (sd {sd(finals):.3f}) "
+        print(f"{v:10s} final dev {statistics.mean(finals):.3f} (sd {_sd(finals):.3f}) "
               f"best {statistics.mean(bests):.3f}  by seed {[round(x, 3) for x in finals]}", flush=True)
     path = HERE / "results" / "demo_seeds.json"
     old = json.loads(path.read_text()) if path.exists() else {}

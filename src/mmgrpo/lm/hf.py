@@ -23,8 +23,8 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-import weakref
 import time
+import weakref
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
