@@ -47,3 +47,50 @@ def test_prompts_then_weights_from_the_command_line(tmp_path, capsys):
 def test_unknown_step_is_a_clear_cli_error(tmp_path, capsys):
     assert main(["train", "--task", "banking77", "--set", "run.strategy=prompts -> magic", "--set", f"run.out={tmp_path}"]) == 2
     assert "unknown step(s) ['magic']" in capsys.readouterr().err
+
+
+def _search_scores_ids(tmp_path, monkeypatch, val_examples: int):
+    """The example ids a bootstrap search scored its candidates on, and the job it ran in."""
+    from mmgrpo.compose import prompts_step
+    from mmgrpo.grpo.config import load_config
+    from mmgrpo.grpo.run import build
+    from mmgrpo.optimizers import bootstrap
+
+    cfg = load_config(None, overrides=[
+        "task.name=banking77", f"run.out={tmp_path}", "run.progress=false", "run.eval_examples=5",
+        "prompts.candidates=2", "prompts.train_examples=6", f"prompts.val_examples={val_examples}",
+        "rollout.max_tokens=8", "task.options.n_labels=10", "task.options.n_demos=0", "task.options.reasoning=false"])
+    job = build(cfg, path=tmp_path / f"val{val_examples}")
+    seen: list[str] = []
+    real = bootstrap.evaluate
+
+    def recording(program, examples, *args, **kwargs):
+        seen.extend(e.id for e in examples)
+        return real(program, examples, *args, **kwargs)
+
+    monkeypatch.setattr(bootstrap, "evaluate", recording)
+    try:
+        summary = prompts_step(job, 0, "bootstrap")
+    finally:
+        job.backend.close()
+    return set(seen), job, summary
+
+
+def test_the_prompt_search_can_score_on_held_out_training_examples_and_leave_dev_alone(tmp_path, monkeypatch):
+    seen, job, summary = _search_scores_ids(tmp_path, monkeypatch, 7)
+    train = [e.id for e in job.task.train]
+    assert [e.id for e in job.prompt_val] == train[6:13] and seen == set(train[6:13])
+    assert not seen & {e.id for e in job.dev} and summary["scored_on"] == "train[6:13]"
+    # the default searches on dev, as before
+    seen, job, summary = _search_scores_ids(tmp_path, monkeypatch, 0)
+    assert seen == {e.id for e in job.dev} and summary["scored_on"] == "dev"
+
+
+def test_too_few_training_examples_for_the_search_set_is_a_clear_error(tmp_path):
+    from mmgrpo.grpo.config import load_config
+    from mmgrpo.grpo.run import build
+
+    cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false",
+                                       "prompts.val_examples=100000"])
+    with pytest.raises(ValueError, match=r"prompt_val_examples = 100000 needs 100050 training examples .* set it to 0"):
+        build(cfg, path=tmp_path / "run")

@@ -56,22 +56,28 @@ def optimize_prompts(job: MMGRPO, kind: str):
     if kind == "bootstrap":
         from .optimizers.bootstrap import random_search
 
-        return random_search(program, train, job.dev, task.metric, lm, n_candidates=cfg.prompt_candidates,
+        return random_search(program, train, job.prompt_val, task.metric, lm, n_candidates=cfg.prompt_candidates,
                              max_demos=cfg.prompt_max_demos, concurrency=cfg.concurrency, seed=cfg.seed,
                              progress=cfg.progress)
     if kind == "mipro":
         from .optimizers.mipro import mipro
 
-        return mipro(program, train, job.dev, task.metric, lm, proposer=proposer_lm(cfg, lm),
+        return mipro(program, train, job.prompt_val, task.metric, lm, proposer=proposer_lm(cfg, lm),
                      description=task.description, n_instructions=cfg.prompt_instructions,
                      n_demo_sets=cfg.prompt_candidates, max_demos=cfg.prompt_max_demos, trials=cfg.prompt_trials,
                      minibatch=cfg.prompt_minibatch, top_k=cfg.prompt_top_k, concurrency=cfg.concurrency,
                      seed=cfg.seed, progress=cfg.progress)
     from .optimizers.gepa import gepa_search
 
-    return gepa_search(program, train, job.dev, task.metric, lm, reflection_lm=proposer_lm(cfg, lm),
+    return gepa_search(program, train, job.prompt_val, task.metric, lm, reflection_lm=proposer_lm(cfg, lm),
                        max_metric_calls=cfg.gepa_metric_calls, minibatch=min(4, cfg.prompt_minibatch),
                        concurrency=cfg.concurrency, seed=cfg.seed, progress=cfg.progress)
+
+
+def scored_on(job: MMGRPO) -> str:
+    """Names the search's validation set in summaries: its best score is not a dev score otherwise."""
+    n, m = job.cfg.prompt_train_examples, job.cfg.prompt_val_examples
+    return f"train[{n}:{n + m}]" if m else "dev"
 
 
 def prompts_step(job: MMGRPO, index: int, kind: str) -> dict:
@@ -82,7 +88,8 @@ def prompts_step(job: MMGRPO, index: int, kind: str) -> dict:
         return saved["summary"]
     t0 = time.time()
     res = optimize_prompts(job, kind)
-    summary = {"step": kind, "best_dev": res.best_score, "pool_sizes": res.pool_sizes, "seconds": time.time() - t0,
+    summary = {"step": kind, "best_dev": res.best_score, "scored_on": scored_on(job), "pool_sizes": res.pool_sizes,
+               "seconds": time.time() - t0,
                "trials": [asdict(t) if is_dataclass(t) else t for t in res.trials], **res.extra}
     job.run.write_json(path.name, {"prompts": res.best, "summary": summary})
     return summary
@@ -114,7 +121,7 @@ def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) 
     for i, step in enumerate(steps):
         if step in PROMPT_STEPS or step.startswith("dspy."):
             s = prompts_step(job, i, step)
-            print(f"{step}: best dev {s['best_dev']:.3f} over {len(s['trials'])} candidates "
+            print(f"{step}: best {s.get('scored_on', 'dev')} score {s['best_dev']:.3f} over {len(s['trials'])} candidates "
                   f"(demo pool per module: {s['pool_sizes']})")
         else:
             s = fit(job)
@@ -122,7 +129,9 @@ def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) 
         out["steps"].append(s)
     job.run.write_json("strategy.json", out)
     last = out["steps"][-1] if out["steps"] else {}
-    scores = {"dev": last.get("best_dev", last.get("final_dev")), "dev_n": len(job.dev)}
+    on_dev = last.get("scored_on", "dev") == "dev"
+    scores = ({"dev": last.get("best_dev", last.get("final_dev")), "dev_n": len(job.dev)} if on_dev else
+              {"search_val": last["best_dev"], "search_val_n": len(job.prompt_val), "search_val_set": last["scored_on"]})
     result_of(job, scores).save(job.run.path / "result")
     print(f"result (prompts + adapter): {job.run.path / 'result'}")
     return out

@@ -58,14 +58,20 @@ class TrainConfig:
     """bootstrap, mipro: demos per module."""
     prompt_train_examples: int = 50
     """bootstrap, mipro: training examples run to bootstrap demos from; gepa: its training set."""
+    prompt_val_examples: int = 0
+    """The search's validation set: > 0 scores the candidates on this many training examples after
+    the first `prompt_train_examples` (held apart from the demo pool), so dev stays unbiased for
+    judging the prompts found and for choosing the adapter trained after them; 0 = on dev, which then
+    both picks the prompts and judges them (the winner's curse: dev reads high after a search)."""
     prompt_instructions: int = 4
     """mipro: instructions per module (the current one and up to n - 1 proposals)."""
     prompt_trials: int = 10
-    """mipro: TPE trials, each scored on a dev minibatch (the first is the program as it is)."""
+    """mipro: TPE trials, each scored on a minibatch of the search's validation set (dev unless
+    `prompt_val_examples`; the first trial is the program as it is)."""
     prompt_minibatch: int = 20
-    """mipro: dev examples per trial; gepa: examples per reflection minibatch is min(4, this)."""
+    """mipro: validation examples per trial; gepa: examples per reflection minibatch is min(4, this)."""
     prompt_top_k: int = 3
-    """mipro: configurations re-scored on the whole dev set, the best of them wins: the best by
+    """mipro: configurations re-scored on the whole validation set, the best of them wins: the best by
     minibatch score, with the program as it was taking the last place if it is not among them
     (so 1 keeps the starting prompts)."""
     gepa_metric_calls: int = 150
@@ -251,6 +257,7 @@ class TrainConfig:
              "needs train_with_demos = true (the sampler's log-probs are of the prompts with demos)")
         need(self.prompt_optimizer in ("bootstrap", "mipro", "gepa"), "prompt_optimizer",
              "must be bootstrap, mipro or gepa")
+        need(self.prompt_val_examples >= 0, "prompt_val_examples", "must be >= 0 (0 = search on dev)")
         for key in ("prompt_candidates", "prompt_instructions", "prompt_trials", "prompt_minibatch", "prompt_top_k",
                     "gepa_metric_calls"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
@@ -317,7 +324,8 @@ SECTIONS: dict[str, dict[str, str]] = {
                             "shared_prefix", "prefix_attention", "pack_tokens", "token_budget", "lora_r", "lora_alpha", "lora_dropout",
                             "lora_targets", "train_with_demos")},
     "prompts": {"optimizer": "prompt_optimizer", "candidates": "prompt_candidates", "max_demos": "prompt_max_demos",
-                "train_examples": "prompt_train_examples", "instructions": "prompt_instructions",
+                "train_examples": "prompt_train_examples", "val_examples": "prompt_val_examples",
+                "instructions": "prompt_instructions",
                 "trials": "prompt_trials", "minibatch": "prompt_minibatch", "top_k": "prompt_top_k",
                 "gepa_metric_calls": "gepa_metric_calls", "proposer_url": "proposer_url",
                 "proposer_model": "proposer_model"},

@@ -200,7 +200,7 @@ def compile_step(job, kind: str):
         Example("x", dict(e.inputs()), dict(e.labels())), Prediction(dict(p.items()))))
     kwargs = optimizer_kwargs(cls, cfg, metric)
     trainset = [to_dspy_example(e) for e in task.train[: cfg.prompt_train_examples]]
-    valset = [to_dspy_example(e) for e in job.dev]
+    valset = [to_dspy_example(e) for e in job.prompt_val]
     backend = job.backend
     deterministic, backend.deterministic = backend.deterministic, False  # DSPy's threads declare no clients
     program.fallback, program.max_tokens = backend, cfg.max_tokens
@@ -218,13 +218,13 @@ def compile_step(job, kind: str):
     finally:
         backend.deterministic, program.fallback, program.max_tokens = deterministic, None, None
     program.module = compiled
-    ev = evaluate(program, job.dev, task.metric, backend, concurrency=cfg.concurrency, seed=cfg.seed,
-                  progress=False, desc=f"{kind} dev")
+    ev = evaluate(program, job.prompt_val, task.metric, backend, concurrency=cfg.concurrency, seed=cfg.seed,
+                  progress=False, desc=f"{kind} val")
     demos = {n: len(p.demos) for n, p in program.predictors().items()}
     return SearchResult(best=program.prompt_state(), best_score=ev.mean, pool_sizes=demos,
                         extra={"optimizer": kind, "optimizer_kwargs": {k: v if isinstance(v, (int, float, str)) else
                                                                        type(v).__name__ for k, v in kwargs.items()},
-                               "dev_ci95": ev.ci95})
+                               "val_ci95": ev.ci95})
 
 
 def optimizer_kwargs(cls, cfg, metric) -> dict:
