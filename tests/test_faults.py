@@ -83,6 +83,18 @@ def test_a_damaged_checkpoint_is_named_and_skipped_never_loaded(backend, tmp_pat
         make_job(backend, tmp_path / "run").resume()
 
 
+def test_a_step_without_an_update_advances_the_schedule_without_a_pytorch_warning(backend, tmp_path):
+    import warnings
+
+    job = make_job(backend, tmp_path / "run", lr_schedule="linear", warmup_steps=0)
+    lr0 = job.trainer.sched.get_last_lr()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job.trainer.finish_step()  # as after a step whose groups all had equal rewards: no optimizer step
+    assert job.trainer.step == 1 and job.trainer.sched.get_last_lr()[0] < lr0
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+
+
 def test_a_disk_error_while_checkpointing_keeps_the_previous_checkpoint(backend, tmp_path, monkeypatch):
     job = make_job(backend, tmp_path / "run")
     job.checkpoint(1)

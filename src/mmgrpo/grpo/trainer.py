@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -302,8 +303,11 @@ class Trainer:
 
     def finish_step(self) -> None:
         """Close a loop step: the schedule and the step count follow loop steps, so a step whose
-        groups all had equal rewards (no update) still counts, and resume lands where it left."""
-        self.sched.step()
+        groups all had equal rewards (no update) still counts, and resume lands where it left. Such a
+        step makes PyTorch warn of a schedule step before any optimizer step: intended, so not shown."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.sched.step()
         self.step += 1
 
     # ---- checkpoints --------------------------------------------------------------------
