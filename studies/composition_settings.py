@@ -7,7 +7,7 @@ keeps its folder (metrics.jsonl with per-module statistics, dev.jsonl), and the 
 studies/results/<task>_settings.json. Finished variants are skipped when the study is run again.
 
 Usage: python studies/composition_settings.py --task banking77 [--variants base no_demos dapo]
-       [--set SECTION.KEY=VALUE ...] [--out runs/study-settings]
+       [--set SECTION.KEY=VALUE ...] [--out runs/study-settings] [--tag NAME]
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ VARIANTS = {  # name -> overrides of the preset (config attribute names)
     "trajectory": {"group_level": "trajectory"},  # the paper's ablation: one group per example
     "t1.0": {"temperature": 1.0},
     "g16": {"group_size": 16, "batch_examples": 4},  # same trajectories per step, bigger groups
+    "b16": {"batch_examples": 16},  # twice the examples per step
 }
 
 
@@ -69,6 +70,7 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["base", "no_demos", "dapo", "lr3e-4"], choices=sorted(VARIANTS))
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--out", default="runs/study-settings")
+    ap.add_argument("--tag", default="", help="summary file <task>_settings_<tag>.json: studies of other presets apart")
     args = ap.parse_args()
     cfg = load_config(None, overrides=[f"task.name={args.task}", "run.progress=false", *args.set],
                       defaults=PRESETS[args.task])
@@ -87,7 +89,7 @@ def main():
         rec = run_variant(cfg, root, name, search)
         rows.append(rec)
         print(json.dumps({k: rec[k] for k in ("variant", "dev_by_step", "best_dev", "seconds")}), flush=True)
-    out = Path(__file__).parent / "results" / f"{args.task}_settings.json"
+    out = Path(__file__).parent / "results" / f"{args.task}_settings{'_' + args.tag if args.tag else ''}.json"
     old = {r["variant"]: r for r in json.loads(out.read_text())} if out.exists() else {}
     old.update({r["variant"]: r for r in rows})
     out.write_text(json.dumps(list(old.values()), indent=2) + "\n")
