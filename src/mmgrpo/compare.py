@@ -36,7 +36,8 @@ PRESETS = {  # budgets sized for a 2-core CPU and the embedded model; banking77'
     # LM-written queries carry the score (studies/multihop_room.py); dev at the start and the end only
     "multihop": {"task_options": {"first_k": 1}, "steps": 4, "batch_examples": 4, "group_size": 4,
                  "temperature": 0.8, "max_tokens": 48, "eval_every": 4, "eval_examples": 30, "checkpoint_every": 2,
-                 "prompt_trials": 6, "prompt_minibatch": 10, "prompt_train_examples": 20, "prompt_candidates": 3},
+                 "prompt_trials": 6, "prompt_minibatch": 10, "prompt_train_examples": 20, "prompt_candidates": 3,
+                 "prompt_val_examples": 30},
     # PUPA prompts run to thousands of tokens: 16 programs at a time keep the batch's KV cache in memory
     "papillon": {"steps": 4, "batch_examples": 4, "group_size": 4, "temperature": 0.8, "max_tokens": 64,
                  "eval_every": 4, "eval_examples": 30, "checkpoint_every": 2, "prompt_trials": 6,
