@@ -94,3 +94,16 @@ def test_too_few_training_examples_for_the_search_set_is_a_clear_error(tmp_path)
                                        "prompts.val_examples=100000"])
     with pytest.raises(ValueError, match=r"prompt_val_examples = 100000 needs 100050 training examples .* set it to 0"):
         build(cfg, path=tmp_path / "run")
+
+
+def test_a_result_whose_last_step_searched_off_dev_does_not_call_its_score_a_dev_score(tmp_path):
+    code = main(["train", "--task", "banking77", "--set", f"run.out={tmp_path}", "--set", "run.strategy=bootstrap",
+                 "--set", "prompts.candidates=2", "--set", "prompts.train_examples=6", "--set", "prompts.val_examples=4",
+                 "--set", "rollout.max_tokens=8", "--set", "run.eval_examples=4", "--set", "task.options.n_labels=10",
+                 "--set", "task.options.reasoning=false", "--set", "run.progress=false"])
+    assert code == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    step = json.loads((run / "strategy.json").read_text())["steps"][0]
+    scores = json.loads((run / "result" / "result.json").read_text())["scores"]
+    assert step["scored_on"] == "train[6:10]" and "dev" not in scores
+    assert scores == {"search_val": step["best_dev"], "search_val_n": 4, "search_val_set": "train[6:10]"}

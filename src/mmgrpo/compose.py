@@ -121,8 +121,8 @@ def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) 
     for i, step in enumerate(steps):
         if step in PROMPT_STEPS or step.startswith("dspy."):
             s = prompts_step(job, i, step)
-            print(f"{step}: best {s.get('scored_on', 'dev')} score {s['best_dev']:.3f} over {len(s['trials'])} candidates "
-                  f"(demo pool per module: {s['pool_sizes']})")
+            print(f"{step}: best {s.get('scored_on', 'dev')} score {s['best_dev']:.3f} over {len(s['trials'])} "
+                  f"candidates (demo pool per module: {s['pool_sizes']})")
         else:
             s = fit(job)
             print_summary(job, s)
@@ -131,7 +131,8 @@ def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) 
     last = out["steps"][-1] if out["steps"] else {}
     on_dev = last.get("scored_on", "dev") == "dev"
     scores = ({"dev": last.get("best_dev", last.get("final_dev")), "dev_n": len(job.dev)} if on_dev else
-              {"search_val": last["best_dev"], "search_val_n": len(job.prompt_val), "search_val_set": last["scored_on"]})
+              {"search_val": last["best_dev"], "search_val_n": len(job.prompt_val),
+               "search_val_set": last["scored_on"]})
     result_of(job, scores).save(job.run.path / "result")
     print(f"result (prompts + adapter): {job.run.path / 'result'}")
     return out
