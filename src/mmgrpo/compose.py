@@ -74,12 +74,6 @@ def optimize_prompts(job: MMGRPO, kind: str):
                        concurrency=cfg.concurrency, seed=cfg.seed, progress=cfg.progress)
 
 
-def scored_on(job: MMGRPO) -> str:
-    """Names the search's validation set in summaries: its best score is not a dev score otherwise."""
-    n, m = job.cfg.prompt_train_examples, job.cfg.prompt_val_examples
-    return f"train[{n}:{n + m}]" if m else "dev"
-
-
 def prompts_step(job: MMGRPO, index: int, kind: str) -> dict:
     path = job.run.path / f"prompts_step{index}.json"
     if path.exists():  # resumed: keep what was found
@@ -88,7 +82,7 @@ def prompts_step(job: MMGRPO, index: int, kind: str) -> dict:
         return saved["summary"]
     t0 = time.time()
     res = optimize_prompts(job, kind)
-    summary = {"step": kind, "best_dev": res.best_score, "scored_on": scored_on(job), "pool_sizes": res.pool_sizes,
+    summary = {"step": kind, "best_dev": res.best_score, "scored_on": job.prompt_val_name, "pool_sizes": res.pool_sizes,
                "seconds": time.time() - t0,
                "trials": [asdict(t) if is_dataclass(t) else t for t in res.trials], **res.extra}
     job.run.write_json(path.name, {"prompts": res.best, "summary": summary})

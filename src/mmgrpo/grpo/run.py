@@ -56,14 +56,14 @@ class MMGRPO:
         self.trained = False  # set once fit has run: the adapter then belongs to the result
         self.best = {"dev": float("-inf"), "step": None}
         self.dev = task.dev[: cfg.eval_examples]
-        self.prompt_val = self.dev  # where a prompt search scores its candidates
+        self.prompt_val, self.prompt_val_name = self.dev, "dev"  # where a prompt search scores its candidates
         if cfg.prompt_val_examples:
             lo, hi = cfg.prompt_train_examples, cfg.prompt_train_examples + cfg.prompt_val_examples
             if len(task.train) < hi:
                 raise ValueError(f"prompt_val_examples = {cfg.prompt_val_examples} needs {hi} training examples "
                                  f"(after the first prompt_train_examples = {lo}); the task has {len(task.train)}: "
                                  f"lower one of them, or set it to 0 to search on dev")
-            self.prompt_val = task.train[lo:hi]
+            self.prompt_val, self.prompt_val_name = task.train[lo:hi], f"train[{lo}:{hi}]"
         self.main = distributed.rank() == 0  # the other ranks of a data-parallel run only update
         self.sampler = backend
         if cfg.servers and self.main:
