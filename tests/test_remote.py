@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -240,8 +241,16 @@ def test_serve_loads_adapters_by_name_and_answers_with_them(served, tmp_path):
     assert with_adapter.token_ids == want.token_ids
     assert with_adapter.logprobs == pytest.approx(want.logprobs, abs=1e-4)
     assert base_out.token_ids == backend.complete(prompt, params).token_ids  # the base stays the base
-    assert post(url + "/unload_lora_adapter", {"lora_name": "a1"})[0] == 200
+    # a policy push: the next version loaded, the one last sampled from unloaded, without PEFT's warning
+    assert post(url + "/load_lora_adapter", {"lora_name": "a2", "lora_path": str(tmp_path / "ad")})[0] == 200
+    pol.complete(prompt, params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert post(url + "/unload_lora_adapter", {"lora_name": "a1"})[0] == 200
+    assert not [w for w in caught if "was active" in str(w.message)], [str(w.message) for w in caught]
     assert post(url + "/completions", {"model": "a1", "prompt": prompt})[0] == 404
+    pol.model = "a2"
+    assert pol.complete(prompt, params).token_ids == want.token_ids
     local.close()
 
 

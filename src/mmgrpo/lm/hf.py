@@ -172,6 +172,9 @@ class HFBackend:
         if name not in self.adapters():
             raise KeyError(f"no adapter {name!r} is loaded (loaded: {self.adapters()})")
         with self.lock:
+            others = [a for a in self.adapters() if a != name]
+            if others and name in self.peft.active_adapters:  # else PEFT warns as it picks another itself
+                self.peft.set_adapter(others[-1])
             self.peft.delete_adapter(name)
             self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] != name}
 
