@@ -1,13 +1,14 @@
-"""Which mmGRPO settings make prompts -> weights learn, on dev only (test is never scored here).
+"""Which mmGRPO settings make prompts -> weights (or mmGRPO alone) learn, on dev only (test is never scored here).
 
 One prompt search (the task's `compare` preset), then one prompts -> weights run per variant from
 that same search result, each variant changing one setting of the preset: the update with or
-without the demos in its prompt, loss normalization, learning rate, group level, ... Every run
+without the demos in its prompt, loss normalization, learning rate, group level, ... With
+`--strategy weights` there is no search and each variant trains the program as it is. Every run
 keeps its folder (metrics.jsonl with per-module statistics, dev.jsonl), and the summary is
-studies/results/<task>_settings.json. Finished variants are skipped when the study is run again.
+studies/results/<task>_settings[_<tag>].json. Finished variants are skipped when the study is run again.
 
 Usage: python studies/composition_settings.py --task banking77 [--variants base no_demos dapo]
-       [--set SECTION.KEY=VALUE ...] [--out runs/study-settings] [--tag NAME]
+       [--strategy weights] [--set SECTION.KEY=VALUE ...] [--out runs/study-settings] [--tag NAME]
 """
 from __future__ import annotations
 
@@ -31,32 +32,47 @@ VARIANTS = {  # name -> overrides of the preset (config attribute names)
     "t1.0": {"temperature": 1.0},
     "g16": {"group_size": 16, "batch_examples": 4},  # same trajectories per step, bigger groups
     "b16": {"batch_examples": 16},  # twice the examples per step
+    "g8": {"group_size": 8},  # twice the trajectories per step, as bigger groups (presets with G = 4)
+    "b8": {"batch_examples": 8},  # twice the trajectories per step, as more examples (presets with 4 a step)
 }
 
 
-def run_variant(cfg, root: Path, name: str, search: Path) -> dict:
+def summarize(folder: Path) -> dict:
+    """A finished run's dev and training figures, by step, and by module where the run logs them."""
+    from mmgrpo.runlog import RunDir
+
+    run = RunDir(folder)
+    devs, steps = run.read_log("dev.jsonl"), run.read_log()
+    return {"dev_by_step": {d["step"]: d["dev"] for d in devs}, "dev_ci95_last": devs[-1]["dev_ci95"],
+            "dev_n": devs[-1]["dev_n"], "best_dev": max(d["dev"] for d in devs), "final_dev": devs[-1]["dev"],
+            "reward_by_step": [round(s["reward_mean"], 4) for s in steps],
+            "entropy_by_step": [round(s["entropy"], 3) for s in steps],
+            "groups_used_by_step": [s["groups_used"] for s in steps],
+            "parse_failures_by_step": [s["n_parse_failure"] for s in steps],
+            # per module and step: groups trained, groups skipped (for equal rewards or otherwise), entropy
+            "modules_by_step": [{m: {"used": v["groups_used"], "skipped": sum(v["groups_skipped"].values()),
+                                     "entropy": None if v.get("entropy") is None else round(v["entropy"], 3)}
+                                 for m, v in s.get("modules", {}).items()}
+                                for s in steps]}
+
+
+def run_variant(cfg, root: Path, name: str, search: Path | None) -> dict:
     from mmgrpo.compose import run as run_strategy
     from mmgrpo.grpo.run import build
-    from mmgrpo.runlog import RunDir
 
     folder = root / name
     done = folder / "variant.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    vcfg = dataclasses.replace(cfg, **VARIANTS[name], strategy="prompts -> weights", name=name, out=str(root))
+    if done.exists():  # finished: its figures read again from its folder
+        return {**json.loads(done.read_text()), **summarize(folder)}
+    strategy = "prompts -> weights" if search else "weights"
+    vcfg = dataclasses.replace(cfg, **VARIANTS[name], strategy=strategy, name=name, out=str(root))
     resumed = (folder / "config.json").exists()
     job = build(vcfg, resume=str(folder) if resumed else None, path=folder)
-    shutil.copyfile(search, folder / "prompts_step0.json")  # the same search for every variant
+    if search:
+        shutil.copyfile(search, folder / "prompts_step0.json")  # the same search for every variant
     t0 = time.time()
     run_strategy(vcfg, job=job)
-    run = RunDir(folder)
-    devs, steps = run.read_log("dev.jsonl"), run.read_log()
-    rec = {"variant": name, "overrides": VARIANTS[name], "dev_by_step": {d["step"]: d["dev"] for d in devs},
-           "dev_ci95_last": devs[-1]["dev_ci95"], "dev_n": devs[-1]["dev_n"],
-           "best_dev": max(d["dev"] for d in devs), "final_dev": devs[-1]["dev"],
-           "reward_by_step": [round(s["reward_mean"], 4) for s in steps],
-           "groups_used_by_step": [s["groups_used"] for s in steps],
-           "parse_failures_by_step": [s["n_parse_failure"] for s in steps],
+    rec = {"variant": name, "strategy": strategy, "overrides": VARIANTS[name], **summarize(folder),
            "seconds": time.time() - t0, "resumed": resumed}
     done.write_text(json.dumps(rec, indent=2) + "\n")
     if hasattr(job.backend, "close"):
@@ -68,16 +84,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="banking77", choices=sorted(PRESETS))
     ap.add_argument("--variants", nargs="+", default=["base", "no_demos", "dapo", "lr3e-4"], choices=sorted(VARIANTS))
+    ap.add_argument("--strategy", default="prompts -> weights", choices=["prompts -> weights", "weights"])
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--out", default="runs/study-settings")
     ap.add_argument("--tag", default="", help="summary file <task>_settings_<tag>.json: studies of other presets apart")
     args = ap.parse_args()
     cfg = load_config(None, overrides=[f"task.name={args.task}", "run.progress=false", *args.set],
                       defaults=PRESETS[args.task])
-    root = Path(args.out) / args.task
+    root = Path(args.out) / args.task / ("weights" if args.strategy == "weights" else "")
     root.mkdir(parents=True, exist_ok=True)
-    search = root / "search" / "prompts_step0.json"
-    if not search.exists():  # the prompt search alone, once
+    search = root / "search" / "prompts_step0.json" if args.strategy != "weights" else None
+    if search and not search.exists():  # the prompt search alone, once
         from mmgrpo.compose import run as run_strategy
         from mmgrpo.grpo.run import build
 

@@ -8,7 +8,7 @@ import torch
 
 from mmgrpo.grpo.config import TrainConfig
 from mmgrpo.grpo.loss import grpo_loss, sequence_coefficients
-from mmgrpo.grpo.packing import pack, plan_packed
+from mmgrpo.grpo.packing import pack, plan_packed, segments
 from mmgrpo.grpo.trainer import Trainer
 from mmgrpo.lm.base import SamplingParams
 from mmgrpo.lm.hf import HFBackend
@@ -19,6 +19,40 @@ def test_plan_keeps_groups_together_and_splits_what_does_not_fit():
     assert plan_packed(seqs, budget=100) == [[0, 1, 3, 2]]
     # prompt (3) + two completions (8) = 11 fits, a third does not: the group splits, the prompt repeats
     assert plan_packed(seqs, budget=11) == [[0, 1], [3, 2]]
+
+
+def test_prompts_that_begin_alike_share_their_common_prefix_and_others_do_not():
+    demos = list(range(100, 140))  # a module's instruction and demos, then each call's own input
+    prompts = [[1] + demos + [7, 8], [1] + demos + [9], [1, 2, 3], [1] + demos + [7, 5]]
+    # sorted: [1, 2, 3] alone (sharing its 1 token would cut the calls' 41 to 1), then the three calls
+    assert segments(prompts) == [(3, [2]), (41, [3, 0, 1])]
+    assert segments([[4, 5], [4, 5], [4, 5, 6]]) == [(2, [0, 1, 2])]  # a prompt may be the whole prefix
+    seqs = [(p, [0] * 2) for p in prompts]
+    # 3 + 2, then prefix 41 + rests 2 + 2 + 1 + completions 6 = 52: one micro-batch of 57; at 50 the
+    # calls' segment splits after its first call (5 + 41 + 4 = 50), the rest repeating the prefix
+    assert plan_packed(seqs, budget=60) == [[2, 3, 0, 1]]
+    assert plan_packed(seqs, budget=50) == [[2, 3], [0, 1]]
+    # the cache kernel's padded batches: every prefix as long as the longest, every call's rest too
+    # ([2] with [3]: 2 x 41 + 2 x 4 = 90), so at 60 the short prompt goes alone; at 100 all fit (98)
+    assert plan_packed(seqs, budget=60, padded=True) == [[2], [3, 0, 1]]
+    assert plan_packed(seqs, budget=100, padded=True) == [[2, 3, 0, 1]]
+
+
+def test_pack_mask_positions_and_predictors_of_calls_with_a_common_prefix():
+    pk = pack([([1, 2, 3], [4]), ([1, 2], [5, 6])])
+    # prefix [1, 2]; in sorted order call 1 (nothing of its prompt left: 5, 6), then call 0 (rest [3], then 4)
+    assert pk.ids.tolist() == [[1, 2, 5, 6, 3, 4]]
+    assert pk.positions.tolist() == [[0, 1, 2, 3, 2, 3]]
+    allow = pk.allow[0, 0].int().tolist()
+    assert allow == [[1, 0, 0, 0, 0, 0],
+                     [1, 1, 0, 0, 0, 0],
+                     [1, 1, 1, 0, 0, 0],
+                     [1, 1, 1, 1, 0, 0],
+                     [1, 1, 0, 0, 1, 0],
+                     [1, 1, 0, 0, 1, 1]]
+    assert pk.targets.tolist() == [5, 6, 4]
+    assert pk.predictors.tolist() == [1, 2, 4]  # 5 by the prefix's last token, 4 by its call's rest
+    assert pk.rows.tolist() == [1, 1, 0] and pk.cols.tolist() == [0, 1, 1] and pk.T == 2
 
 
 def test_pack_mask_positions_and_predictors():
@@ -58,14 +92,28 @@ def _loss_and_grads(trainer, seqs, adv, coefs, temps=None):
     return total, [p.grad.clone() for p in trainer.params]
 
 
+QUESTIONS = ("Name a color.", "What is two plus two?", "Say hello.", "Count to three.")
+
+
 @pytest.mark.parametrize("prefix_attention", ["packed", "cache"])
-def test_shared_prefix_gives_the_same_loss_and_gradients_as_padding(trainers, prefix_attention):
+@pytest.mark.parametrize("shape", ["one prompt", "two prompts", "distinct prompts"])
+def test_shared_prefix_gives_the_same_loss_and_gradients_as_padding(trainers, prefix_attention, shape):
+    """One prompt (its completions share all of it: the first token is predicted by the prefix),
+    two prompts with three completions each, or six distinct prompts sharing the chat template's
+    opening (each call's rest of prompt after the common prefix)."""
     lm, trainer = trainers
     tok = lm.tokenizer
-    prompts = [lm.tokenize_chat([{"role": "user", "content": q}]) for q in ("Name a color.", "What is two plus two?")]
-    replies = [["Blue.", "Red, I think", "green"], ["Four.", "2 + 2 = 4", "It is four, of course."]]
-    seqs = [(p, tok.encode(r, add_special_tokens=False) + [tok.eos_token_id]) for p, rs in zip(prompts, replies) for r in rs]
-    seqs.append((prompts[0], [tok.eos_token_id]))  # a one-token completion: predicted by the prompt alone
+    chat = [lm.tokenize_chat([{"role": "user", "content": q}]) for q in QUESTIONS + ("Why?", "A fruit?")]
+    prompts = {"one prompt": [chat[0]] * 6, "two prompts": [chat[0]] * 3 + [chat[1]] * 3,
+               "distinct prompts": chat[:6]}[shape]
+    replies = ["Blue.", "Red, I think", "green", "Four.", "2 + 2 = 4", "It is four, of course."]
+    seqs = [(p, tok.encode(r, add_special_tokens=False) + [tok.eos_token_id]) for p, r in zip(prompts, replies)]
+    seqs.append((prompts[0], [tok.eos_token_id]))  # a one-token completion
+    segs = segments([p for p, _ in seqs])
+    if shape == "one prompt":
+        assert segs == [(len(chat[0]), segs[0][1])]
+    if shape == "distinct prompts":  # one prefix, shorter than every prompt
+        assert len(segs) == 1 and segs[0][0] < min(len(p) for p in chat[:6])
     adv = torch.tensor([1.0, -0.5, -0.5, 0.8, -1.2, 0.4, 0.3])
     coefs = torch.tensor(sequence_coefficients([len(c) for _, c in seqs], [1.0] * 7, "grpo"))
     temps = [0.7, 1.0, 0.7, 1.3, 1.0, 0.9, 1.0]

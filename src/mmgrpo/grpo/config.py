@@ -189,18 +189,20 @@ class TrainConfig:
     """An update whose loss or gradient norm is not finite is skipped (weights and optimizer state
     unchanged, logged as nonfinite_skipped); this many in a row stop the run (resumable)."""
     shared_prefix: bool = True
-    """Pack each prompt once with all its completions after it (block attention mask) instead
-    of one padded sequence per completion: same loss and gradients, far fewer tokens."""
+    """Compute each shared prompt prefix once: the G completions of a prompt share all of it, the
+    calls of one module its instruction and demos (grpo/packing.py). Same loss and gradients as one
+    padded sequence per completion, far fewer tokens."""
     prefix_attention: str = "packed"
-    """How shared_prefix computes each prompt once: "packed" (prompt and completions in one row under
-    a block mask: exact everywhere, but the attention kernel computes the masked-out blocks too) or
-    "cache" (the distinct prompts as one batch, then every completion as a batch attending to its
-    prompt's cached keys/values, gradients flowing back through them: no masked-out blocks)."""
+    """How shared_prefix computes each prefix once: "packed" (prefix and calls in one row under a
+    block mask: exact everywhere, but the attention kernel computes the masked-out blocks too) or
+    "cache" (the prefixes as one batch, then every call's rest of prompt and completion as a batch
+    attending to its prefix's cached keys/values, gradients flowing back through them: no masked-out
+    blocks, so long shared prefixes, such as a prompt search's demos, fit in one micro-batch)."""
     pack_tokens: int = 1024
-    """Tokens per shared-prefix micro-batch (each prompt once + its completions); with "packed" the
-    dense block mask grows as its square."""
+    """Tokens per "packed" micro-batch (each prefix once + its calls): the block mask grows as its square."""
     token_budget: int = 4096
-    """Padded tokens per micro-batch (shared_prefix off): bounds memory; gradients accumulate."""
+    """Tokens per micro-batch of the "cache" kernel (each prefix once + its calls), or padded tokens
+    per micro-batch with shared_prefix off: bounds memory; gradients accumulate."""
     lora_r: int = 16
     """LoRA rank (one adapter shared by every module)."""
     lora_alpha: int = 32

@@ -1,9 +1,11 @@
 """Shared-prefix packing of a training batch. Pure: token ids in, tensors out, no model.
 
-The G completions of one prompt go into one packed sequence after a single copy of the
-prompt; a block mask lets each completion see the prompt and itself only, and its position
-ids restart after the prompt. The prompt is computed once instead of G times, and several
-such segments share a row without padding.
+Prompts that begin alike form a segment: their longest common prefix once, then each member's
+own rest of the prompt and its completion. The G completions of one prompt share the whole
+prompt; calls of one module share its instruction and demos even when their inputs differ,
+which after a prompt search is most of every prompt. A block mask lets each member see the
+prefix and itself only, its position ids continuing after the prefix, so the prefix is computed
+once instead of once per call.
 """
 from __future__ import annotations
 
@@ -14,34 +16,72 @@ import torch
 Seq = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 
 
-def plan_packed(seqs: list[Seq], budget: int) -> list[list[int]]:
+def _common(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def segments(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """(shared prefix length, member indices) for the prompts, in sorted prompt order.
+
+    Sorted, prompts that begin alike sit together, and a run of them shares the least of its
+    neighbours' common prefixes. The runs are chosen to save the most tokens, (n - 1) * prefix
+    summed over runs (an exact dynamic programme over the sorted order), so that a prompt sharing
+    only the chat template's opening does not cut the prefix of a module's calls to that opening.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    ps = [prompts[i] for i in order]
+    adj = [0] + [_common(a, b, min(len(a), len(b))) for a, b in zip(ps, ps[1:])]
+    best, start = [0] * (len(ps) + 1), [0] * (len(ps) + 1)  # over the first j prompts: savings, last run's start
+    for j in range(1, len(ps) + 1):
+        best[j], start[j] = best[j - 1], j - 1  # ps[j - 1] alone
+        shared = len(ps[j - 1])
+        for i in range(j - 2, -1, -1):  # the run ps[i : j]
+            shared = min(shared, adj[i + 1])
+            if shared == 0:
+                break
+            if best[i] + (j - 1 - i) * shared > best[j]:
+                best[j], start[j] = best[i] + (j - 1 - i) * shared, i
+    out: list[tuple[int, list[int]]] = []
+    j = len(ps)
+    while j > 0:
+        i = start[j]
+        shared = min([len(ps[i])] + adj[i + 1:j])
+        out.append((shared, order[i:j]))
+        j = i
+    return out[::-1]
+
+
+def plan_packed(seqs: list[Seq], budget: int, padded: bool = False) -> list[list[int]]:
     """Micro-batches (lists of indices into seqs) whose packed length stays within budget.
 
-    Sequences with identical prompts form a segment (prompt once + their completions); a
-    segment too long for the budget is split across micro-batches, each repeating the prompt.
+    A segment too long for the budget is split across micro-batches, each repeating its prefix
+    (a call alone over the budget gets a micro-batch of its own). ``padded``: the cost is that of
+    the cache kernel's two padded batches, prefixes x the longest prefix + calls x the longest
+    rest (rest of prompt and completion), which bounds its activations as the budget does a row.
     """
-    segments: dict[tuple, list[int]] = {}
-    for i, (p, _) in enumerate(seqs):
-        segments.setdefault(tuple(p), []).append(i)
-    pieces: list[tuple[int, list[int]]] = []  # (packed length, indices)
-    for prompt, idx in segments.items():
-        cur, n = [], len(prompt)
-        for i in idx:
-            c = len(seqs[i][1])
-            if cur and n + c > budget:
-                pieces.append((n, cur))
-                cur, n = [], len(prompt)
-            cur.append(i)
-            n += c
-        pieces.append((n, cur))
     batches: list[list[int]] = []
-    cur, n = [], 0
-    for length, idx in pieces:
-        if cur and n + length > budget:
-            batches.append(cur)
-            cur, n = [], 0
-        cur += idx
-        n += length
+    cur: list[int] = []
+    n = n_pre = longest_pre = n_calls = longest_rest = 0
+    for L, idx in segments([p for p, _ in seqs]):
+        first = True  # the segment's prefix is (re)counted in every micro-batch it reaches
+        for i in idx:
+            rest = len(seqs[i][0]) - L + len(seqs[i][1])
+            if padded:
+                size = ((n_pre + first) * max(longest_pre, L) + (n_calls + 1) * max(longest_rest, rest))
+            else:
+                size = n + L * first + rest
+            if cur and size > budget:
+                batches.append(cur)
+                cur, n, n_pre, longest_pre, n_calls, longest_rest = [], 0, 0, 0, 0, 0
+                first = True
+                size = L + rest
+            cur.append(i)
+            n, n_pre, n_calls = size, n_pre + first, n_calls + 1
+            longest_pre, longest_rest = max(longest_pre, L), max(longest_rest, rest)
+            first = False
     if cur:
         batches.append(cur)
     return batches
@@ -61,38 +101,36 @@ class Packed:
 
 def pack(seqs: list[Seq]) -> Packed:
     """One packed row for the given sequences (plan them with ``plan_packed`` first)."""
-    segments: dict[tuple, list[int]] = {}
-    for i, (p, _) in enumerate(seqs):
-        segments.setdefault(tuple(p), []).append(i)
     T = max(len(c) for _, c in seqs)
     ids: list[int] = []
     pos: list[int] = []
     blocks: list[tuple[int, int, list[tuple[int, int]]]] = []
     predictors, targets, rows, cols = [], [], [], []
-    for prompt, idx in segments.items():
-        start, P = len(ids), len(prompt)
-        ids += prompt
-        pos += range(P)
+    for L, idx in segments([p for p, _ in seqs]):
+        start = len(ids)
+        ids += seqs[idx[0]][0][:L]
+        pos += range(L)
         spans = []
         for i in idx:
-            comp = seqs[i][1]
-            cstart = len(ids)
-            ids += comp
-            pos += range(P, P + len(comp))
-            spans.append((cstart, len(comp)))
+            rest, comp = seqs[i][0][L:], seqs[i][1]
+            mstart = len(ids)
+            ids += rest + comp
+            pos += range(L, L + len(rest) + len(comp))
+            spans.append((mstart, len(rest) + len(comp)))
             for k, t in enumerate(comp):
-                predictors.append(start + P - 1 if k == 0 else cstart + k - 1)
+                at = mstart + len(rest) + k - 1  # the token before it, or the prefix's last
+                predictors.append(at if at >= mstart else start + L - 1)
                 targets.append(t)
                 rows.append(i)
                 cols.append(T - len(comp) + k)
-        blocks.append((start, P, spans))
+        blocks.append((start, L, spans))
     N = len(ids)
     allow = torch.zeros((N, N), dtype=torch.bool)
     for start, P, spans in blocks:
         allow[start:start + P, start:start + P] = torch.ones(P, P, dtype=torch.bool).tril()
-        for cstart, n in spans:
-            allow[cstart:cstart + n, start:start + P] = True
-            allow[cstart:cstart + n, cstart:cstart + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        for mstart, n in spans:
+            allow[mstart:mstart + n, start:start + P] = True
+            allow[mstart:mstart + n, mstart:mstart + n] = torch.ones(n, n, dtype=torch.bool).tril()
     return Packed(ids=torch.tensor([ids]), positions=torch.tensor([pos]), allow=allow[None, None],
                   predictors=torch.tensor(predictors), targets=torch.tensor(targets), rows=torch.tensor(rows),
                   cols=torch.tensor(cols), T=T)

@@ -23,7 +23,7 @@ from . import distributed
 from .config import TrainConfig
 from .groups import Grouping
 from .loss import grpo_loss, sequence_coefficients, token_logprobs
-from .packing import pack, plan_packed, unpack
+from .packing import pack, plan_packed, segments, unpack
 
 
 def update_prompt(call, tokenize_chat, with_demos: bool) -> list[int]:
@@ -89,8 +89,9 @@ class Trainer:
         return batches
 
     def plan(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[int]]:
-        if self.cfg.shared_prefix:
-            return plan_packed(seqs, self.cfg.pack_tokens)
+        if self.cfg.shared_prefix:  # the dense block mask grows as the square of a packed row; the cache does not
+            packed = self.cfg.prefix_attention == "packed"
+            return plan_packed(seqs, self.cfg.pack_tokens if packed else self.cfg.token_budget, padded=not packed)
         return self._micro_batches(seqs)
 
     def logprobs(self, seqs: list[tuple[list[int], list[int]]],
@@ -123,54 +124,67 @@ class Trainer:
 
     def cached_logprobs(self, seqs: list[tuple[list[int], list[int]]],
                         temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each distinct prompt once (left-padded into one batch, keeping its keys/values), then all
-        completions as one batch, each attending to its prompt's cached keys/values: attention only
-        over what a token may see. Gradients flow back into the prompts through the cache."""
+        """Each shared prefix once (see packing.segments; left-padded into one batch, keeping its
+        keys/values), then every call's rest of prompt and completion as one batch attending to its
+        prefix's cached keys/values: attention only over what a token may see. Gradients flow back
+        into the prefixes through the cache."""
         from transformers import DynamicCache
 
         dev, pad = self.backend.device, self.backend.pad_id
-        index: dict[tuple, int] = {}
-        which = [index.setdefault(tuple(p), len(index)) for p, _ in seqs]
-        prompts = list(index)
-        B, n_p, P = len(seqs), len(prompts), max(len(p) for p in prompts)
+        segs = segments([p for p, _ in seqs])
+        which, cut = [0] * len(seqs), [0] * len(seqs)
+        for j, (L, idx) in enumerate(segs):
+            for i in idx:
+                which[i], cut[i] = j, L
+        B, n_p, P = len(seqs), len(segs), max(L for L, _ in segs)
         T = max(len(c) for _, c in seqs)
         ids = torch.full((n_p, P), pad, dtype=torch.long)
         pmask = torch.zeros((n_p, P), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, P - len(p):] = torch.tensor(p)
-            pmask[j, P - len(p):] = 1
+        for j, (L, idx) in enumerate(segs):
+            ids[j, P - L:] = torch.tensor(seqs[idx[0]][0][:L])
+            pmask[j, P - L:] = 1
         ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids.to(dev), attention_mask=pmask.to(dev), position_ids=ppos.to(dev),
                          cache=DynamicCache(), use_cache=True, logits_to_keep=1)
         rows = torch.tensor(which, device=dev)
-        logits = out.logits[:, -1][rows].unsqueeze(1)  # (B, 1, V): each prompt's last position
-        if T > 1:  # completion tokens but the last, after their prompt's keys/values
-            cids = torch.full((B, T - 1), pad, dtype=torch.long)
-            cmask = torch.zeros((B, P + T - 1), dtype=torch.long)
+        first = out.logits[:, -1][rows].unsqueeze(1)  # (B, 1, V): each prefix's last position
+        # each call after its prefix: the rest of its prompt, then its completion but the last token,
+        # right-aligned, so that the last W columns hold every completion token's predictor
+        tails = [p[cut[i]:] + c[:-1] for i, (p, c) in enumerate(seqs)]
+        R = max(len(t) for t in tails)
+        W = min(T, R)
+        logits = first
+        if R > 0:
+            cids = torch.full((B, R), pad, dtype=torch.long)
+            cmask = torch.zeros((B, P + R), dtype=torch.long)
             cmask[:, :P] = pmask[which]
-            cpos = torch.zeros((B, T - 1), dtype=torch.long)
-            for i, (p, c) in enumerate(seqs):
-                n = len(c) - 1
-                cids[i, :n] = torch.tensor(c[:-1], dtype=torch.long)
-                cmask[i, P:P + n] = 1
-                cpos[i] = torch.arange(len(p), len(p) + T - 1)
+            cpos = torch.zeros((B, R), dtype=torch.long)
+            for i, t in enumerate(tails):
+                if t:
+                    cids[i, R - len(t):] = torch.tensor(t, dtype=torch.long)
+                    cmask[i, P + R - len(t):] = 1
+                    cpos[i, R - len(t):] = torch.arange(cut[i], cut[i] + len(t))
             cache = DynamicCache()
             for li, layer in enumerate(out.cache.layers):
                 cache.update(layer.keys[rows], layer.values[rows], li)
             rest = self.model(input_ids=cids.to(dev), attention_mask=cmask.to(dev), position_ids=cpos.to(dev),
-                              cache=cache, use_cache=True).logits
-            logits = torch.cat([logits, rest], dim=1)  # (B, T, V), left-aligned: column k predicts token k
+                              cache=cache, use_cache=True, logits_to_keep=W).logits
+            logits = torch.cat([first, rest], dim=1)  # (B, 1 + W, V)
+        # right-aligned output column j of call i holds completion token k = j - (T - len(c)), predicted
+        # by the tail's token before it (column 1 + W - len(c) + k), or by the prefix (column 0) when
+        # it is the first token and nothing of the prompt is left after the prefix
+        col = torch.zeros((B, T), dtype=torch.long)
+        for i, (p, c) in enumerate(seqs):
+            ks = torch.arange(len(c))
+            col[i, T - len(c):] = torch.where((ks == 0) & (len(p) == cut[i]), 0, 1 + W - len(c) + ks)
+        logits = logits.gather(1, col.to(dev).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         targets = torch.full((B, T), pad, dtype=torch.long)
-        valid = torch.zeros((B, T), dtype=torch.bool)
+        mask = torch.zeros((B, T), dtype=torch.bool)
         for i, (_, c) in enumerate(seqs):
-            targets[i, :len(c)] = torch.tensor(c)
-            valid[i, :len(c)] = True
+            targets[i, T - len(c):] = torch.tensor(c)
+            mask[i, T - len(c):] = True
         lp = token_logprobs(logits / temps.view(-1, 1, 1), targets.to(dev))
-        # right-align, as the other paths return them: row i's tokens end at column T - 1
-        shift = torch.tensor([T - len(c) for _, c in seqs])
-        src = (torch.arange(T).unsqueeze(0) - shift.unsqueeze(1)) % T  # right column j takes left j - shift
-        mask = valid.gather(1, src)
-        return lp.gather(1, src.to(dev)) * mask.to(dev), mask.to(dev)
+        return lp * mask.to(dev), mask.to(dev)
 
     def completion_logprobs(self, seqs: list[tuple[list[int], list[int]]],
                             temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
