@@ -32,16 +32,23 @@ def banking77_groups(examples: int, group_size: int, n_labels: int = 10, max_tok
                   params=SamplingParams(temperature=1.0, max_tokens=max_tokens), concurrency=32, progress=False)
     rollout_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    grouping = group_all(roll)
+    group_s = time.perf_counter() - t0
+    return trainer, grouping, {"rollout_s": rollout_s, "group_s": group_s}
+
+
+def group_all(roll):
+    """Module-level groups with advantages, every call in one: timing needs every sequence, so
+    groups of equal rewards get spread rewards instead of being skipped."""
     by_example = roll.by_example()
-    for trajs in by_example.values():  # timing needs every sequence: spread equal rewards
+    for trajs in by_example.values():
         if len({t.reward for t in trajs}) == 1:
             for k, t in enumerate(trajs):
                 t.reward = float(k % 2)
     grouping = group_calls(by_example, "ragged")
     compute_advantages(grouping)
     assign_weights(grouping)
-    group_s = time.perf_counter() - t0
-    return trainer, grouping, {"rollout_s": rollout_s, "group_s": group_s}
+    return grouping
 
 
 def mm_peak_gflops(sizes=(2048, 4096), repeats: int = 3) -> float:

@@ -23,10 +23,9 @@ import statistics
 import time
 from pathlib import Path
 
-from common import machine
+from common import group_all, machine
 
 from mmgrpo.grpo.config import TrainConfig
-from mmgrpo.grpo.groups import assign_weights, compute_advantages, group_calls
 from mmgrpo.grpo.packing import segments
 from mmgrpo.grpo.trainer import Trainer
 from mmgrpo.lm.base import SamplingParams
@@ -55,14 +54,7 @@ def main():
     roll = sample(program, task.train[:args.examples], task.reward, lm, n_samples=args.group_size,
                   params=SamplingParams(temperature=0.8, max_tokens=48), concurrency=32, progress=False)
     rollout_s = time.perf_counter() - t0
-    by_example = roll.by_example()
-    for trajs in by_example.values():  # timing needs every sequence: spread equal rewards
-        if len({t.reward for t in trajs}) == 1:
-            for k, t in enumerate(trajs):
-                t.reward = float(k % 2)
-    grouping = group_calls(by_example, "ragged")
-    compute_advantages(grouping)
-    assign_weights(grouping)
+    grouping = group_all(roll)
     seqs = [(m.call.prompt_ids, m.call.completion_ids) for m in grouping.members]
     comp = sum(len(c) for _, c in seqs)
     padded = sum(len(p) for p, _ in seqs) + comp
