@@ -16,8 +16,8 @@ import torch
 Seq = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 
 
-def _common(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
+def _common(a: list[int], b: list[int]) -> int:
+    n, limit = 0, min(len(a), len(b))
     while n < limit and a[n] == b[n]:
         n += 1
     return n
@@ -33,7 +33,7 @@ def segments(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
     """
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     ps = [prompts[i] for i in order]
-    adj = [0] + [_common(a, b, min(len(a), len(b))) for a, b in zip(ps, ps[1:])]
+    adj = [0] + [_common(a, b) for a, b in zip(ps, ps[1:])]
     best, start = [0] * (len(ps) + 1), [0] * (len(ps) + 1)  # over the first j prompts: savings, last run's start
     for j in range(1, len(ps) + 1):
         best[j], start[j] = best[j - 1], j - 1  # ps[j - 1] alone

@@ -174,15 +174,14 @@ class Trainer:
         # by the tail's token before it (column 1 + W - len(c) + k), or by the prefix (column 0) when
         # it is the first token and nothing of the prompt is left after the prefix
         col = torch.zeros((B, T), dtype=torch.long)
+        targets = torch.full((B, T), pad, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.bool)
         for i, (p, c) in enumerate(seqs):
             ks = torch.arange(len(c))
             col[i, T - len(c):] = torch.where((ks == 0) & (len(p) == cut[i]), 0, 1 + W - len(c) + ks)
-        logits = logits.gather(1, col.to(dev).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        targets = torch.full((B, T), pad, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.bool)
-        for i, (_, c) in enumerate(seqs):
             targets[i, T - len(c):] = torch.tensor(c)
             mask[i, T - len(c):] = True
+        logits = logits.gather(1, col.to(dev).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         lp = token_logprobs(logits / temps.view(-1, 1, 1), targets.to(dev))
         return lp * mask.to(dev), mask.to(dev)
 
