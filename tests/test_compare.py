@@ -41,6 +41,24 @@ def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
     assert arms["prompts_weights"]["includes_reused_search"]
     assert arms["prompts_weights"]["lm_calls"] > arms["weights"]["lm_calls"]
     assert [json.loads(x)["step"] for x in (root / "weights" / "dev.jsonl").read_text().splitlines()] == [0, 1]
+    # scores already measured on the same program are reused: a training arm's step 0 is the arm it starts
+    # from, its dev score is its log's at the chosen step, its test score the start's if dev kept the start
+    for name, start in (("weights", "baseline"), ("prompts_weights", "prompts")):
+        full = json.loads((root / name / "arm.json").read_text())
+        origin = json.loads((root / start / "arm.json").read_text())
+        log = {r["step"]: r for r in map(json.loads, (root / name / "dev.jsonl").read_text().splitlines())}
+        assert log[0]["reused_from"] == start and log[0]["dev"] == origin["dev"] and log[0]["eval_s"] == 0.0
+        assert "reused_from" not in log[1]
+        chosen = json.loads((root / name / "summary.json").read_text())["best_step"]
+        assert full["dev"] == log[chosen]["dev"] and full["reused_scores"][0] == f"dev: step {chosen} of the dev log"
+        kept = chosen == 0
+        assert (full["test_scores"] == origin["test_scores"]) or not kept
+        assert any(r.startswith("test:") for r in full["reused_scores"]) == kept
+        assert arms[name]["test_scores"] == full["test_scores"]  # results.json keeps per-example scores
+    # one LM call per Banking77 program: the weights arm spent 2 x 4 rollouts, 4 dev runs at step 1 and,
+    # unless dev kept the start, 5 test runs (no step-0 or final dev evaluation of its own)
+    kept = json.loads((root / "weights" / "summary.json").read_text())["best_step"] == 0
+    assert arms["weights"]["lm_calls"] == 8 + 4 + (0 if kept else 5)
     # the report of a compare folder: the arms side by side, the test table, each training arm's plots
     assert main(["report", str(root)]) == 0
     page = (root / "report.html").read_text()
@@ -60,6 +78,9 @@ def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
     assert main(["compare", "--task", "banking77", "--resume", str(root), "--set", f"run.out={tmp_path}", *TINY,
                  "--set", "run.steps=2"]) == 2
     assert "config keys ['steps']" in capsys.readouterr().err
+    # a one-seed comparison's arms are not in seed folders: more seeds there is refused, not guessed
+    assert main(["compare", "--resume", str(root), "--seeds", "2"]) == 2
+    assert "seeds 1" in capsys.readouterr().err
 
 
 def test_paired_difference():
@@ -103,9 +124,20 @@ def test_compare_over_seeds_folders_table_and_resume(tmp_path, capsys):
         sum(row["test_by_seed"]) / 2)
     assert "seed sd" in (root / "table.txt").read_text()
     assert saved_settings(root)[1] == {"test_limit": 4, "arms": arms, "seeds": 2}
+    # the baseline is greedy decoding of the untouched program: the second seed takes the first's
+    first, second = (json.loads((root / f"seed-{s}" / "baseline" / "arm.json").read_text()) for s in (3, 4))
+    assert second["shared_from"] == "seed-3" and second["test_scores"] == first["test_scores"]
+    assert "shared_from" not in first
     before = (root / "table.txt").read_text()
     assert main(["compare", "--resume", str(root)]) == 0  # nothing left to run: the same table
     assert (root / "table.txt").read_text() == before
+    # more seeds for a finished multi-seed comparison: the old seeds are kept, a third is added
+    assert main(["compare", "--resume", str(root), "--seeds", "3"]) == 0
+    assert saved_settings(root)[1]["seeds"] == 3
+    results = json.loads((root / "results.json").read_text())["arms"]["baseline"]
+    assert results["seeds"] == 3 and len(results["test_scores_by_seed"]) == 3
+    assert results["test_scores_by_seed"][:2] == [first["test_scores"], second["test_scores"]]
+    assert json.loads((root / "seed-5" / "baseline" / "arm.json").read_text())["shared_from"] == "seed-3"
 
 
 def test_across_seeds_averages_examples_then_pairs(tmp_path):

@@ -111,11 +111,13 @@ def cmd_compare(args) -> int:
 
     if args.resume and not args.config and not args.set and not args.task:
         cfg, kwargs = saved_settings(args.resume)
+        if args.seeds is not None:  # a multi-seed comparison may be given more seeds
+            kwargs["seeds"] = args.seeds
     else:
         task = args.task or "banking77"
         cfg = load_config(args.config, overrides=[f"task.name={task}", *(args.set or [])],
                           defaults=None if args.config else PRESETS.get(task))
-        kwargs = {"test_limit": args.test_limit, "seeds": args.seeds}
+        kwargs = {"test_limit": args.test_limit, "seeds": args.seeds or 1}
     t0 = time.time()
     compare(cfg, root=args.resume, **kwargs)
     print(f"total {time.time() - t0:.0f}s")
@@ -193,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--resume", default=None, help="a comparison folder to finish (its saved settings are used)")
     c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     c.add_argument("--test-limit", dest="test_limit", type=int, default=None, help="score the first N test examples")
-    c.add_argument("--seeds", type=int, default=1,
-                   help="run the comparison once per run seed (seed, seed+1, ...) and report the spread")
+    c.add_argument("--seeds", type=int, default=None,
+                   help="run the comparison once per run seed (seed, seed+1, ...) and report the spread; with "
+                        "--resume, a larger N adds seeds to a multi-seed comparison")
     c.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server over a model or a result (--run)")

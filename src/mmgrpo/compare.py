@@ -21,6 +21,9 @@ from .rollout import evaluate, mean_ci
 from .runlog import RunDir, format_table, write_json
 
 ARMS = (("baseline", ""), ("prompts", "prompts"), ("weights", "weights"), ("prompts_weights", "prompts -> weights"))
+# the arm whose program a training arm starts from: its dev score is the training arm's step 0, and
+# its test score the training arm's when dev keeps the start (an untrained adapter adds exactly zero)
+STARTS_FROM = {"weights": "baseline", "prompts_weights": "prompts"}
 
 # banking77 starts zero-shot, as in the paper (10 intents, label only); add --set task.options.n_demos=5 for
 # the warm start of the README's demo, which already has the demos a prompt optimizer would add
@@ -38,10 +41,12 @@ PRESETS = {  # budgets sized for a 2-core CPU and the embedded model; banking77'
                  "temperature": 0.8, "max_tokens": 48, "eval_every": 4, "eval_examples": 30, "checkpoint_every": 2,
                  "prompt_trials": 6, "prompt_minibatch": 10, "prompt_train_examples": 20, "prompt_candidates": 3,
                  "prompt_val_examples": 30},
-    # PUPA prompts run to thousands of tokens: 16 programs at a time keep the batch's KV cache in memory
+    # PUPA prompts run to thousands of tokens: 16 programs at a time keep the batch's KV cache in memory;
+    # the search scores on 30 held-out training examples (on dev it raised dev and lowered test)
     "papillon": {"steps": 4, "batch_examples": 4, "group_size": 4, "temperature": 0.8, "max_tokens": 64,
                  "eval_every": 4, "eval_examples": 30, "checkpoint_every": 2, "prompt_trials": 6,
-                 "prompt_minibatch": 10, "prompt_train_examples": 20, "prompt_candidates": 3, "concurrency": 16},
+                 "prompt_minibatch": 10, "prompt_train_examples": 20, "prompt_candidates": 3, "concurrency": 16,
+                 "prompt_val_examples": 30},
 }
 
 
@@ -56,7 +61,15 @@ def _cost(backend, t0: float) -> dict:
             "prompt_tokens": s["prompt_tokens"]}
 
 
+def _finished(root: Path, name: str | None) -> dict | None:
+    path = root / name / "arm.json" if name else None
+    return json.loads(path.read_text()) if path and path.exists() else None
+
+
 def run_arm(cfg: TrainConfig, root: Path, name: str, strategy: str, test_limit: int | None) -> dict:
+    """One arm, scored on dev and test. Scores already measured on the same program are reused, not
+    measured again: a training arm's step 0 is the arm it starts from (STARTS_FROM), its final dev
+    score is its dev log's at the chosen step, and if dev chose the start its test score is that arm's."""
     from .compose import run as run_strategy
     from .grpo.run import build
 
@@ -65,28 +78,47 @@ def run_arm(cfg: TrainConfig, root: Path, name: str, strategy: str, test_limit: 
     resumed = (folder / "config.json").exists()
     t0 = time.time()
     job = build(arm_cfg, resume=str(folder) if resumed else None, path=folder)
-    reused = None
+    reused_search = None
     if name == "prompts_weights" and (root / "prompts" / "arm.json").exists():
         # the same search as the prompts arm: reuse its result (compose reloads a saved step)
         shutil.copyfile(root / "prompts" / "prompts_step0.json", folder / "prompts_step0.json")
-        reused = json.loads((root / "prompts" / "arm.json").read_text())["optimize_cost"]
+        reused_search = json.loads((root / "prompts" / "arm.json").read_text())["optimize_cost"]
+    task, program, lm = job.task, job.program, job.backend
+    dev_ids = [ex.id for ex in job.dev]
+    test_set = task.test[:test_limit] if test_limit else task.test
+    test_ids = [ex.id for ex in test_set]
+    start = _finished(root, STARTS_FROM.get(name))
+    if start and start.get("dev_ids") == dev_ids:
+        job.known_dev[0] = {**start["dev_record"], "reused_from": STARTS_FROM[name]}
     optimize_cost = None
     if strategy:
         run_strategy(arm_cfg, job=job)
         optimize_cost = _cost(job.backend, t0) if strategy == "prompts" else None
-    task, program, lm = job.task, job.program, job.backend
-    dev = evaluate(program, job.dev, task.metric, lm, concurrency=cfg.concurrency, seed=cfg.seed,
-                   progress=cfg.progress, desc=f"{name}: dev")
-    test_set = task.test[:test_limit] if test_limit else task.test
-    test = evaluate(program, test_set, task.metric, lm, concurrency=cfg.concurrency, seed=cfg.seed,
-                    progress=cfg.progress, desc=f"{name}: test")
+    reused = []
+    chosen = job.best["step"] if job.trained else None
+    logged = {r["step"]: r for r in job.run.read_log("dev.jsonl")} if job.trained else {}
+    if chosen in logged:
+        dev = {k: logged[chosen][k] for k in ("dev", "dev_ci95", "dev_n", "dev_counts")}
+        reused.append(f"dev: step {chosen} of the dev log")
+    else:
+        res = evaluate(program, job.dev, task.metric, lm, concurrency=cfg.concurrency, seed=cfg.seed,
+                       progress=cfg.progress, desc=f"{name}: dev")
+        dev = {"dev": res.mean, "dev_ci95": res.ci95, "dev_n": res.n, "dev_counts": res.counts}
+    if chosen == 0 and start and start["test_ids"] == test_ids:
+        test = {k: start[k] for k in ("test", "test_ci95", "test_n", "test_counts", "test_scores")}
+        reused.append(f"test: {STARTS_FROM[name]} (dev kept the start)")
+    else:
+        res = evaluate(program, test_set, task.metric, lm, concurrency=cfg.concurrency, seed=cfg.seed,
+                       progress=cfg.progress, desc=f"{name}: test")
+        test = {"test": res.mean, "test_ci95": res.ci95, "test_n": res.n, "test_counts": res.counts,
+                "test_scores": res.scores}
     cost = _cost(lm, t0)
-    if reused:
-        cost = {k: cost[k] + reused[k] for k in cost}
-    rec = {"arm": name, "strategy": strategy or "baseline", "test": test.mean, "test_ci95": test.ci95, "test_n": test.n,
-           "test_counts": test.counts, "test_scores": test.scores, "test_ids": [ex.id for ex in test_set],
-           "dev": dev.mean, "dev_ci95": dev.ci95, "dev_n": dev.n, **cost, "optimize_cost": optimize_cost,
-           "includes_reused_search": bool(reused), "resumed": resumed, "prompts": program.prompt_state()}
+    if reused_search:
+        cost = {k: cost[k] + reused_search[k] for k in cost}
+    rec = {"arm": name, "strategy": strategy or "baseline", **test, "test_ids": test_ids,
+           **{k: dev[k] for k in ("dev", "dev_ci95", "dev_n")}, "dev_ids": dev_ids, "dev_record": dev,
+           **cost, "optimize_cost": optimize_cost, "includes_reused_search": bool(reused_search),
+           "reused_scores": reused, "resumed": resumed, "prompts": program.prompt_state()}
     write_json(folder / "arm.json", rec)
     if hasattr(lm, "close"):
         lm.close()
@@ -151,6 +183,9 @@ def _open(cfg: TrainConfig, root, test_limit, arms, seeds: int) -> RunDir:
     if saved.exists():
         old = json.loads(saved.read_text())
         old["config"] = with_defaults(old["config"])
+        if 1 < old.get("seeds", 1) < seeds and {**old, "seeds": seeds} == settings:
+            write_json(saved, settings)  # more seeds for a finished or unfinished multi-seed comparison
+            old = settings
         if old != settings:
             diff = sorted(k for k in old["config"] if old["config"].get(k) != settings["config"].get(k))
             raise ValueError(f"{run.path} was started with other settings (config keys {diff}, test_limit "
@@ -163,13 +198,22 @@ def _open(cfg: TrainConfig, root, test_limit, arms, seeds: int) -> RunDir:
 
 def _finish(run: RunDir, cfg: TrainConfig, rows: dict[str, dict], table: str, notes: list[str], png) -> dict:
     summary = {"task": cfg.task, "model": cfg.model, "folder": str(run.path), "plot": str(png), "table": table,
-               "notes": notes, "arms": {k: {x: v for x, v in r.items() if x not in ("test_scores", "prompts")}
+               "notes": notes, "arms": {k: {x: v for x, v in r.items() if x not in ("prompts", "dev_record")}
                                         for k, r in rows.items()}}
     write_json(run.path / "results.json", summary)
     (run.path / "table.txt").write_text(table + "\n" + "\n".join(notes) + "\n")
     print(f"\n{cfg.task}: held-out test, {cfg.model}\n{table}\n" + "\n".join(notes))
     print(f"folder: {run.path}" + (f"\nplot: {png}" if png else ""))
     return summary
+
+
+def share_baseline(root: Path, first: int, seed: int) -> None:
+    """The baseline arm is greedy decoding of the untouched program, which no run seed enters: later
+    seeds take the first seed's instead of scoring the same program again."""
+    src, dst = root / f"seed-{first}" / "baseline" / "arm.json", root / f"seed-{seed}" / "baseline" / "arm.json"
+    if seed != first and src.exists() and not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_json(dst, {**json.loads(src.read_text()), "shared_from": f"seed-{first}"})
 
 
 def compare(cfg: TrainConfig, root: str | Path | None = None, test_limit: int | None = None,
@@ -184,6 +228,7 @@ def compare(cfg: TrainConfig, root: str | Path | None = None, test_limit: int | 
     if seeds > 1:
         per_seed = []
         for s in range(cfg.seed, cfg.seed + seeds):
+            share_baseline(run.path, cfg.seed, s)
             compare(dataclasses.replace(cfg, seed=s), run.path / f"seed-{s}", test_limit, arms)
             per_seed.append({name: json.loads((run.path / f"seed-{s}" / name / "arm.json").read_text())
                              for name, _ in arms})
@@ -231,6 +276,7 @@ def _across_seeds(run: RunDir, cfg: TrainConfig, per_seed: list[dict[str, dict]]
         tests = [r["test"] for r in recs]
         rows[name] = {"arm": name, "strategy": recs[0]["strategy"], "test": mean, "test_ci95": ci,
                       "test_n": len(ids), "test_ids": ids, "test_scores": avg, "seeds": k,
+                      "test_scores_by_seed": [r["test_scores"] for r in recs],
                       "test_by_seed": tests, "seed_sd": statistics.stdev(tests),
                       "dev": sum(r["dev"] for r in recs) / k,
                       **{c: sum(r[c] for r in recs) / k for c in ("seconds", "lm_calls", "gen_tokens", "prompt_tokens")},

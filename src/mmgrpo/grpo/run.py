@@ -55,6 +55,9 @@ class MMGRPO:
         self.trainer = Trainer(backend, cfg)
         self.trained = False  # set once fit has run: the adapter then belongs to the result
         self.best = {"dev": float("-inf"), "step": None}
+        # dev records measured elsewhere on this program and dev set, by step (compare: the arm this
+        # one starts from, so its step 0 is not evaluated twice); used once instead of evaluating
+        self.known_dev: dict[int, dict] = {}
         self.dev = task.dev[: cfg.eval_examples]
         self.prompt_val, self.prompt_val_name = self.dev, "dev"  # where a prompt search scores its candidates
         if cfg.prompt_val_examples:
@@ -94,16 +97,20 @@ class MMGRPO:
                 shutil.rmtree(old, ignore_errors=True)
 
     def evaluate(self, step: int, desc: str = "dev") -> dict:
-        res = evaluate(self.program, self.dev, self.task.metric, self.sampler, concurrency=self.cfg.concurrency,
-                       seed=self.cfg.seed, progress=self.cfg.progress, desc=f"{desc} (step {step})")
-        if res.outages:
-            raise TrainingStopped(f"{desc} evaluation at step {step}: {res.outages} of {res.n} runs could not "
-                                  f"reach an LM server; no dev score was recorded.")
-        rec = {"step": step, "dev": res.mean, "dev_ci95": res.ci95, "dev_n": res.n, "dev_counts": res.counts,
-               "eval_s": res.seconds}
+        known = self.known_dev.pop(step, None)
+        if known is not None:
+            rec = {"step": step, **known, "eval_s": 0.0}
+        else:
+            res = evaluate(self.program, self.dev, self.task.metric, self.sampler, concurrency=self.cfg.concurrency,
+                           seed=self.cfg.seed, progress=self.cfg.progress, desc=f"{desc} (step {step})")
+            if res.outages:
+                raise TrainingStopped(f"{desc} evaluation at step {step}: {res.outages} of {res.n} runs could not "
+                                      f"reach an LM server; no dev score was recorded.")
+            rec = {"step": step, "dev": res.mean, "dev_ci95": res.ci95, "dev_n": res.n, "dev_counts": res.counts,
+                   "eval_s": res.seconds}
         self.run.log(rec, "dev.jsonl")
-        if res.mean > self.best["dev"]:
-            self.best = {"dev": res.mean, "step": step}
+        if rec["dev"] > self.best["dev"]:
+            self.best = {"dev": rec["dev"], "step": step}
             self.trainer.save_adapter(self.run.path / "best_adapter")
         return rec
 
