@@ -1,0 +1,46 @@
+"""One seed of a multi-seed `mmgrpo compare`, in its seed-S folder, so that seeds run side by side
+(one process per core) instead of one after another. Seeds after the first run the prompts arm first
+and then take the first seed's baseline (compare.share_baseline); when every seed is done,
+`mmgrpo compare --resume ROOT` finds their arms finished and writes the summary over seeds.
+
+    python studies/compare_seed.py --task papillon --root runs/compare-papillon-seeds3 --seeds 3 \\
+        --test-limit 60 --seed 1
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from mmgrpo.compare import ARMS, PRESETS, _open, run_arm, share_baseline
+from mmgrpo.grpo.config import load_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--root", required=True, help="the comparison folder (created with its settings if new)")
+    ap.add_argument("--seeds", type=int, required=True, help="how many seeds the comparison has")
+    ap.add_argument("--seed", type=int, required=True, help="the run seed this process runs")
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], help="a config override, as for mmgrpo compare")
+    args = ap.parse_args()
+    cfg = load_config(None, overrides=[f"task.name={args.task}", *args.set], defaults=PRESETS[args.task])
+    root = Path(args.root)
+    _open(cfg, root, args.test_limit, ARMS, args.seeds)  # refuses a folder started with other settings
+    if not cfg.seed <= args.seed < cfg.seed + args.seeds:
+        raise SystemExit(f"--seed {args.seed} is not one of the comparison's seeds {cfg.seed}..{cfg.seed + args.seeds - 1}")
+    sub = root / f"seed-{args.seed}"
+    sub.mkdir(parents=True, exist_ok=True)
+    first = args.seed == cfg.seed
+    for name, strategy in ARMS if first else (ARMS[1], ARMS[0], *ARMS[2:]):
+        if name == "baseline" and not first:
+            share_baseline(root, cfg.seed, args.seed)  # if the first seed has finished it
+        if not (sub / name / "arm.json").exists():
+            print(f"seed {args.seed}: arm {name}", flush=True)
+            run_arm(dataclasses.replace(cfg, seed=args.seed), sub, name, strategy, args.test_limit)
+    print(f"seed {args.seed}: done; when every seed is, `mmgrpo compare --resume {root}` summarises them")
+
+
+if __name__ == "__main__":
+    main()
