@@ -19,11 +19,11 @@ from ..trace import OK
 
 def bootstrap_pool(program: Program, examples: Sequence[Example], metric: Metric, lm: LM, *,
                    threshold: float = 1.0, temperature: float = 0.0, concurrency: int = 16,
-                   seed: int = 0) -> dict[str, list[dict]]:
+                   seed: int = 0, progress: bool = False) -> dict[str, list[dict]]:
     """Every module's candidate demos, from trajectories whose metric is >= threshold."""
     res = sample(program, examples, metric, lm, n_samples=1, concurrency=concurrency, seed=seed,
                  params=SamplingParams(temperature=temperature, max_tokens=256), format_failure_score=0.0,
-                 progress=False, desc="bootstrap")
+                 progress=progress, desc="bootstrap: demo pool")
     pool: dict[str, list[dict]] = {name: [] for name in program.named_modules()}
     for t in res.trajectories:
         if t.status != OK or t.reward < threshold:
@@ -62,7 +62,8 @@ def random_search(program: Program, train: Sequence[Example], dev: Sequence[Exam
     """Score the current prompts and ``n_candidates - 1`` seeded demo sets on ``dev``; load the best."""
     from tqdm.auto import tqdm
 
-    pool = bootstrap_pool(program, train, metric, lm, threshold=threshold, concurrency=concurrency, seed=seed)
+    pool = bootstrap_pool(program, train, metric, lm, threshold=threshold, concurrency=concurrency, seed=seed,
+                          progress=progress)
     base = copy.deepcopy(program.prompt_state())
     rng = random.Random(seed)
     result = SearchResult(best=base, best_score=float("-inf"), pool_sizes={m: len(d) for m, d in pool.items()})

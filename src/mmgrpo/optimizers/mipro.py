@@ -132,7 +132,8 @@ def mipro(program: Program, train: Sequence[Example], dev: Sequence[Example], me
           concurrency: int = 16, seed: int = 0, progress: bool = False) -> SearchResult:
     import optuna
 
-    pool = bootstrap_pool(program, train, metric, lm, threshold=threshold, concurrency=concurrency, seed=seed)
+    pool = bootstrap_pool(program, train, metric, lm, threshold=threshold, concurrency=concurrency, seed=seed,
+                          progress=progress)
     instructions, rejected = propose_instructions(program, pool, proposer or lm, n=n_instructions,
                                                   description=description, seed=seed)
     sets = demo_sets(program, pool, n_demo_sets, max_demos, seed, labelled=labelled_pool(program, train))
@@ -172,10 +173,12 @@ def mipro(program: Program, train: Sequence[Example], dev: Sequence[Example], me
     if not any(tuple(sorted(start.items())) == tuple(sorted(trs[0].params.items())) for trs in ranked[:top_k]):
         ranked = ranked[: max(top_k - 1, 0)] + [by_config[tuple(sorted(start.items()))]]  # keep the start in
     result = SearchResult(best=base, best_score=float("-inf"), pool_sizes={m: len(d) for m, d in pool.items()})
-    for trs in ranked[:top_k]:
+    finalists = ranked[:top_k]
+    for i, trs in enumerate(finalists):
         state = state_for(trs[0].params)
         program.load_prompt_state(state)
-        ev = evaluate(program, dev, metric, lm, concurrency=concurrency, seed=seed, progress=False)
+        ev = evaluate(program, dev, metric, lm, concurrency=concurrency, seed=seed, progress=progress,
+                      desc=f"mipro: re-score {i + 1}/{len(finalists)}")
         for tr in trs:
             tr.full_score, tr.full_ci95 = ev.mean, ev.ci95
         if ev.mean > result.best_score:
