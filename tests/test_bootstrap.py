@@ -29,3 +29,30 @@ def test_demos_come_from_passing_trajectories_and_reach_the_prompt(lm):
         picked = set(best.demos["classify"])
         assert len(program.classify.demos) == len(picked) and len(rendered) == 2 + 2 * len(picked)
         assert {d["query"] for d in program.classify.demos} <= {ex.inputs["query"] for ex in train if ex.id in picked}
+
+
+def test_demo_threshold_decides_which_runs_give_demos_and_reaches_the_search(lm, monkeypatch):
+    import types
+
+    from mmgrpo import compose
+    from mmgrpo.grpo.config import load_config
+    from mmgrpo.optimizers import bootstrap, mipro
+
+    task = get_task("banking77", n_labels=10, n_demos=5, reasoning=False)
+    program = task.make_program()
+    train = task.train[:8]
+    # a graded metric that tops out at 0.75 gives no demos at the default threshold; at 0.75 it gives
+    # exactly the runs the exact-match metric passes
+    graded = lambda ex, pred: 0.5 * task.metric(ex, pred) + 0.25  # noqa: E731
+    assert bootstrap_pool(program, train, graded, lm)["classify"] == []
+    passing = bootstrap_pool(program, train, task.metric, lm)["classify"]
+    assert passing and bootstrap_pool(program, train, graded, lm, threshold=0.75)["classify"] == passing
+
+    seen = {}
+    for mod, fn in ((mipro, "mipro"), (bootstrap, "random_search")):
+        monkeypatch.setattr(mod, fn, lambda *a, _fn=fn, **kw: seen.setdefault(_fn, kw["threshold"]))
+    cfg = load_config(None, overrides=["task.name=banking77", "prompts.demo_threshold=0.4"])
+    job = types.SimpleNamespace(cfg=cfg, task=task, program=program, backend=lm, prompt_val=task.dev[:2])
+    compose.optimize_prompts(job, "mipro")
+    compose.optimize_prompts(job, "bootstrap")
+    assert seen == {"mipro": 0.4, "random_search": 0.4}

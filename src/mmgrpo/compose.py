@@ -57,14 +57,15 @@ def optimize_prompts(job: MMGRPO, kind: str):
         from .optimizers.bootstrap import random_search
 
         return random_search(program, train, job.prompt_val, task.metric, lm, n_candidates=cfg.prompt_candidates,
-                             max_demos=cfg.prompt_max_demos, concurrency=cfg.concurrency, seed=cfg.seed,
-                             progress=cfg.progress)
+                             max_demos=cfg.prompt_max_demos, threshold=cfg.prompt_demo_threshold,
+                             concurrency=cfg.concurrency, seed=cfg.seed, progress=cfg.progress)
     if kind == "mipro":
         from .optimizers.mipro import mipro
 
         return mipro(program, train, job.prompt_val, task.metric, lm, proposer=proposer_lm(cfg, lm),
                      description=task.description, n_instructions=cfg.prompt_instructions,
-                     n_demo_sets=cfg.prompt_candidates, max_demos=cfg.prompt_max_demos, trials=cfg.prompt_trials,
+                     n_demo_sets=cfg.prompt_candidates, max_demos=cfg.prompt_max_demos,
+                     threshold=cfg.prompt_demo_threshold, trials=cfg.prompt_trials,
                      minibatch=cfg.prompt_minibatch, top_k=cfg.prompt_top_k, concurrency=cfg.concurrency,
                      seed=cfg.seed, progress=cfg.progress)
     from .optimizers.gepa import gepa_search
@@ -117,6 +118,9 @@ def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) 
             s = prompts_step(job, i, step)
             print(f"{step}: best {s.get('scored_on', 'dev')} score {s['best_dev']:.3f} over {len(s['trials'])} "
                   f"candidates (demo pool per module: {s['pool_sizes']})")
+            if s["pool_sizes"] and not any(s["pool_sizes"].values()):
+                print(f"  no training run scored >= prompt_demo_threshold = {job.cfg.prompt_demo_threshold}, so "
+                      "no demos were bootstrapped; for a graded metric set [prompts] demo_threshold lower")
         else:
             s = fit(job)
             print_summary(job, s)

@@ -56,6 +56,10 @@ class TrainConfig:
     """bootstrap: demo sets tried; mipro: demo sets per module (the first is the program as it is)."""
     prompt_max_demos: int = 4
     """bootstrap, mipro: demos per module."""
+    prompt_demo_threshold: float = 1.0
+    """bootstrap, mipro: a training run's calls become demos when its metric is >= this. 1.0 suits
+    pass/fail metrics (exact match, all gold titles found); a graded metric may never reach it (PUPA's
+    quality + privacy score tops out near 0.6), leaving the search no demos: lower it there."""
     prompt_train_examples: int = 50
     """bootstrap, mipro: training examples run to bootstrap demos from; gepa: its training set."""
     prompt_val_examples: int = 0
@@ -326,6 +330,7 @@ SECTIONS: dict[str, dict[str, str]] = {
                             "shared_prefix", "prefix_attention", "pack_tokens", "token_budget", "lora_r", "lora_alpha", "lora_dropout",
                             "lora_targets", "train_with_demos")},
     "prompts": {"optimizer": "prompt_optimizer", "candidates": "prompt_candidates", "max_demos": "prompt_max_demos",
+                "demo_threshold": "prompt_demo_threshold",
                 "train_examples": "prompt_train_examples", "val_examples": "prompt_val_examples",
                 "instructions": "prompt_instructions",
                 "trials": "prompt_trials", "minibatch": "prompt_minibatch", "top_k": "prompt_top_k",
