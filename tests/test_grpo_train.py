@@ -215,6 +215,9 @@ def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path):
     del saved["config"]["prefix_attention"]  # as written by a version without the key
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
     build(cfg, resume=str(tmp_path / "run")).backend.close()  # the missing key reads as its default
+    moved = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path / 'elsewhere'}",
+                                         "run.progress=false"])
+    build(moved, resume=str(tmp_path / "run")).backend.close()  # where the folder sits is not what is learned
     with pytest.raises(ValueError, match=r"differs from the run's saved config in \['prefix_attention'\]"):
         build(load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false",
                                            "grpo.prefix_attention=cache"]), resume=str(tmp_path / "run"))

@@ -158,3 +158,57 @@ def test_the_frozen_view_is_the_base_model_whatever_the_adapter(trainers):
         assert policy.logprobs == pytest.approx(forward_logprobs(policy.token_ids), abs=2e-3)
     with lm.lock, trainer.model.disable_adapter():
         assert policy.logprobs != pytest.approx(forward_logprobs(policy.token_ids), abs=1e-2)
+
+
+def _saved_bytes(trainer, seqs):
+    """Bytes autograd keeps from the forward pass for the backward pass, and the log-probs."""
+    total = 0
+
+    def keep(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        logp, mask = trainer.logprobs(seqs)
+    return total, logp, mask
+
+
+@pytest.mark.parametrize("shape", ["a call alone", "a packed row"])
+def test_a_long_forward_is_recomputed_in_the_backward_pass_with_the_same_gradients(trainers, shape):
+    """Over recompute_tokens, a micro-batch keeps each layer's input only (gradient checkpointing):
+    far less kept for the backward pass, the same log-probs and gradients, and the model is left
+    without checkpointing for the short micro-batches after it."""
+    lm, trainer = trainers
+    tok = lm.tokenizer
+    long_q = "Please rewrite this request without the names in it: " + "Anna Smith met Bob Jones in Paris. " * 12
+    prompts = [lm.tokenize_chat([{"role": "user", "content": long_q}])] * (1 if shape == "a call alone" else 3)
+    replies = ["Someone met someone in a city.", "A met B.", "They met"][:len(prompts)]
+    seqs = [(p, tok.encode(r, add_special_tokens=False) + [tok.eos_token_id]) for p, r in zip(prompts, replies)]
+    n = trainer.forward_tokens(seqs, "plain" if len(seqs) == 1 else "packed")
+    base = trainer.cfg
+    results = {}
+    trainer.model.train()  # as in Trainer.update: HF checkpoints layers in training mode only
+    try:
+        for name, limit in (("kept", 10 ** 6), ("recomputed", n - 1)):
+            trainer.cfg = dataclasses.replace(base, recompute_tokens=limit)
+            trainer.model.zero_grad(set_to_none=True)
+            saved, logp, mask = _saved_bytes(trainer, seqs)
+            assert not any(getattr(m, "gradient_checkpointing", False) for m in lm.model.modules())  # off again
+            (logp * mask).sum().backward()
+            results[name] = saved, logp.detach(), [p.grad.clone() for p in trainer.params]
+    finally:
+        trainer.cfg = base
+        trainer.model.eval()
+        trainer.model.zero_grad(set_to_none=True)
+    (kept, lp_kept, g_kept), (rec, lp_rec, g_rec) = results["kept"], results["recomputed"]
+    assert rec < kept / 3, (rec, kept)
+    assert torch.allclose(lp_rec, lp_kept, atol=1e-5)
+    num = sum(float((a - b).norm() ** 2) for a, b in zip(g_rec, g_kept)) ** 0.5
+    den = sum(float(b.norm() ** 2) for b in g_kept) ** 0.5
+    assert den > 0 and num / den < 1e-4, (num, den)
+
+
+def test_recompute_tokens_must_not_be_negative():
+    with pytest.raises(ValueError, match="recompute_tokens"):
+        TrainConfig(recompute_tokens=-1)

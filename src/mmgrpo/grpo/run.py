@@ -22,10 +22,10 @@ from .stats import module_stats, sampled_entropy
 from .trainer import Trainer, write_latest
 
 
-# settings of where rollouts run, not of what is learned: a resumed run may change them (a server moved)
-# where rollouts run and what watches the run, not what is learned: a resume may change these
+# where rollouts run, what watches the run and where its folder sits (a folder moved, or named by a
+# relative path instead of an absolute one), not what is learned: a resume may change these
 MAY_CHANGE_ON_RESUME = ("servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
-                        "request_backoff_s", "workers", "ray_address", "report_to", "progress")
+                        "request_backoff_s", "workers", "ray_address", "report_to", "progress", "out")
 
 
 class TrainingStopped(RuntimeError):

@@ -13,6 +13,7 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -100,11 +101,36 @@ class Trainer:
         and their mask: packed or padded."""
         t = torch.tensor([x if x > 0 else 1.0 for x in temps] if temps else [1.0] * len(seqs))
         t = t.to(self.backend.device)
-        if not self.cfg.shared_prefix:
-            return self.completion_logprobs(seqs, t)
-        if self.cfg.prefix_attention == "cache":
+        kernel = self.cfg.prefix_attention if self.cfg.shared_prefix else "plain"
+        if kernel == "cache":  # its cache cannot be recomputed; token_budget bounds it
             return self.cached_logprobs(seqs, t)
-        return self.packed_logprobs(seqs, t)
+        if len(seqs) == 1 and kernel == "packed":  # nothing to share: a causal mask needs no N x N block mask
+            long = len(seqs[0][0]) + len(seqs[0][1]) > self.cfg.recompute_tokens
+            kernel = "plain" if long else kernel
+        with self._recompute(self.forward_tokens(seqs, kernel) > self.cfg.recompute_tokens):
+            return self.completion_logprobs(seqs, t) if kernel == "plain" else self.packed_logprobs(seqs, t)
+
+    @staticmethod
+    def forward_tokens(seqs: list[tuple[list[int], list[int]]], kernel: str) -> int:
+        """Tokens the kernel's forward pass runs: padded rows ("plain") or the packed row."""
+        if kernel == "plain":
+            return len(seqs) * max(len(p) + len(c) for p, c in seqs)
+        return sum(L + sum(len(seqs[i][0]) - L + len(seqs[i][1]) for i in idx)
+                   for L, idx in segments([p for p, _ in seqs]))
+
+    @contextmanager
+    def _recompute(self, on: bool):
+        """Gradient checkpointing for this forward pass (HF checkpoints in training mode, as in
+        ``update``): the backward pass recomputes each layer from its input, needing no flag then,
+        so a long call's memory grows with its tokens x hidden size, not x every activation."""
+        if not (on and torch.is_grad_enabled()):
+            yield
+            return
+        self.backend.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            yield
+        finally:
+            self.backend.model.activation_checkpointing_disable()
 
     def packed_logprobs(self, seqs: list[tuple[list[int], list[int]]],
                         temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
