@@ -9,10 +9,9 @@ and then take the first seed's baseline (compare.share_baseline); when every see
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
-from mmgrpo.compare import ARMS, PRESETS, _open, run_arm, share_baseline
+from mmgrpo.compare import ARMS, PRESETS, _open, run_seed
 from mmgrpo.grpo.config import load_config
 
 
@@ -30,15 +29,7 @@ def main() -> None:
     _open(cfg, root, args.test_limit, ARMS, args.seeds)  # refuses a folder started with other settings
     if not cfg.seed <= args.seed < cfg.seed + args.seeds:
         raise SystemExit(f"--seed {args.seed} is not one of the comparison's seeds {cfg.seed}..{cfg.seed + args.seeds - 1}")
-    sub = root / f"seed-{args.seed}"
-    sub.mkdir(parents=True, exist_ok=True)
-    first = args.seed == cfg.seed
-    for name, strategy in ARMS if first else (ARMS[1], ARMS[0], *ARMS[2:]):
-        if name == "baseline" and not first:
-            share_baseline(root, cfg.seed, args.seed)  # if the first seed has finished it
-        if not (sub / name / "arm.json").exists():
-            print(f"seed {args.seed}: arm {name}", flush=True)
-            run_arm(dataclasses.replace(cfg, seed=args.seed), sub, name, strategy, args.test_limit)
+    run_seed(cfg, root, args.seed, args.test_limit)
     print(f"seed {args.seed}: done; when every seed is, `mmgrpo compare --resume {root}` summarises them")
 
 

@@ -158,3 +158,13 @@ def test_across_seeds_averages_examples_then_pairs(tmp_path):
     # per example: weights .5 0 .5 0, p->w 1 1 .5 .5; differences .5 1 0 .5
     assert out["weights"]["vs_prompts_weights"] == pytest.approx(paired_diff([1, 1, .5, .5], [.5, 0, .5, 0]))
     assert out["prompts_weights"]["test_ci95"] == pytest.approx(1.96 * (1 / 12) ** 0.5 / 2)
+
+
+def test_a_start_arm_written_before_dev_counts_moved_still_gives_the_step0_record():
+    from mmgrpo.compare import start_record
+
+    now = {"dev": 0.4, "dev_ci95": 0.1, "dev_n": 30, "dev_counts": {"ok": 30}, "test": 0.3}
+    before = {**{k: v for k, v in now.items() if k != "dev_counts"}, "dev_record": {"dev": 0.4, "dev_ci95": 0.1,
+                                                                                  "dev_n": 30, "dev_counts": {"ok": 30}}}
+    want = {"dev": 0.4, "dev_ci95": 0.1, "dev_n": 30, "dev_counts": {"ok": 30}, "reused_from": "baseline"}
+    assert start_record(now, "baseline") == want and start_record(before, "baseline") == want

@@ -66,6 +66,13 @@ def _finished(root: Path, name: str | None) -> dict | None:
     return json.loads(path.read_text()) if path and path.exists() else None
 
 
+def start_record(start: dict, name: str) -> dict:
+    """A training arm's step-0 dev record: the dev score of the arm it starts from (``start``, its
+    arm.json; arms written before dev_counts moved to the top kept it in dev_record)."""
+    counts = start["dev_counts"] if "dev_counts" in start else start["dev_record"]["dev_counts"]
+    return {**{k: start[k] for k in ("dev", "dev_ci95", "dev_n")}, "dev_counts": counts, "reused_from": name}
+
+
 def run_arm(cfg: TrainConfig, root: Path, name: str, strategy: str, test_limit: int | None) -> dict:
     """One arm, scored on dev and test. Scores already measured on the same program are reused, not
     measured again: a training arm's step 0 is the arm it starts from (STARTS_FROM), its final dev
@@ -89,7 +96,7 @@ def run_arm(cfg: TrainConfig, root: Path, name: str, strategy: str, test_limit: 
     test_ids = [ex.id for ex in test_set]
     start = _finished(root, STARTS_FROM.get(name))
     if start and start.get("dev_ids") == dev_ids:
-        job.known_dev[0] = {**start["dev_record"], "reused_from": STARTS_FROM[name]}
+        job.known_dev[0] = start_record(start, STARTS_FROM[name])
     optimize_cost = None
     if strategy:
         run_strategy(arm_cfg, job=job)
@@ -116,7 +123,7 @@ def run_arm(cfg: TrainConfig, root: Path, name: str, strategy: str, test_limit: 
     if reused_search:
         cost = {k: cost[k] + reused_search[k] for k in cost}
     rec = {"arm": name, "strategy": strategy or "baseline", **test, "test_ids": test_ids,
-           **{k: dev[k] for k in ("dev", "dev_ci95", "dev_n")}, "dev_ids": dev_ids, "dev_record": dev,
+           **dev, "dev_ids": dev_ids,
            **cost, "optimize_cost": optimize_cost, "includes_reused_search": bool(reused_search),
            "reused_scores": reused, "resumed": resumed, "prompts": program.prompt_state()}
     write_json(folder / "arm.json", rec)
@@ -226,21 +233,37 @@ def compare(cfg: TrainConfig, root: str | Path | None = None, test_limit: int | 
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     run = _open(cfg, root, test_limit, arms, seeds)
     if seeds > 1:
-        per_seed = []
-        for s in range(cfg.seed, cfg.seed + seeds):
-            share_baseline(run.path, cfg.seed, s)
-            compare(dataclasses.replace(cfg, seed=s), run.path / f"seed-{s}", test_limit, arms)
-            per_seed.append({name: json.loads((run.path / f"seed-{s}" / name / "arm.json").read_text())
-                             for name, _ in arms})
+        per_seed = [run_seed(cfg, run.path, s, test_limit, arms) for s in range(cfg.seed, cfg.seed + seeds)]
         return _across_seeds(run, cfg, per_seed)
     rows: dict[str, dict] = {}
     bar = tqdm(arms, desc="compare", disable=not cfg.progress)
     for name, strategy in bar:
         bar.set_postfix(arm=name)
-        done = run.path / name / "arm.json"
-        rows[name] = json.loads(done.read_text()) if done.exists() else run_arm(cfg, run.path, name, strategy,
-                                                                                 test_limit)
+        rows[name] = _finished(run.path, name) or run_arm(cfg, run.path, name, strategy, test_limit)
     bar.close()
+    return _summarise(run, cfg, rows)
+
+
+def run_seed(cfg: TrainConfig, root: Path, seed: int, test_limit: int | None, arms=ARMS) -> dict[str, dict]:
+    """Seed ``seed`` of a multi-seed comparison whose first seed is cfg.seed, in root/seed-S with its
+    own table. A later seed runs its prompts arm first and then takes the first seed's baseline
+    (share_baseline), so that seeds started side by side (studies/compare_seed.py) find it finished."""
+    sub = root / f"seed-{seed}"
+    scfg = dataclasses.replace(cfg, seed=seed)
+    run = _open(scfg, sub, test_limit, arms, 1)
+    order = arms if seed == cfg.seed else sorted(arms, key=lambda a: a[0] != "prompts")  # stable: prompts first
+    rows: dict[str, dict] = {}
+    for name, strategy in order:
+        if name == "baseline":
+            share_baseline(root, cfg.seed, seed)  # if the first seed has finished it
+        rows[name] = _finished(sub, name) or run_arm(scfg, sub, name, strategy, test_limit)
+    rows = {name: rows[name] for name, _ in arms}
+    _summarise(run, scfg, rows)
+    return rows
+
+
+def _summarise(run: RunDir, cfg: TrainConfig, rows: dict[str, dict]) -> dict:
+    """One seed's table: each arm's test score, and its paired difference to prompts -> weights."""
     ref = rows.get("prompts_weights")
     for r in rows.values():
         if ref and r is not ref and r["test_ids"] == ref["test_ids"]:
