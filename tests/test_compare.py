@@ -168,3 +168,17 @@ def test_a_start_arm_written_before_dev_counts_moved_still_gives_the_step0_recor
                                                                                   "dev_n": 30, "dev_counts": {"ok": 30}}}
     want = {"dev": 0.4, "dev_ci95": 0.1, "dev_n": 30, "dev_counts": {"ok": 30}, "reused_from": "baseline"}
     assert start_record(now, "baseline") == want and start_record(before, "baseline") == want
+
+
+def test_run_seed_runs_only_the_named_arms_and_waits_with_the_table(tmp_path):
+    from mmgrpo.compare import run_seed
+    from mmgrpo.grpo.config import load_config
+
+    cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.eval_examples=4",
+                                       "run.progress=false"],
+                      defaults={"task_options": {"n_labels": 10, "n_demos": 2, "reasoning": False}})
+    arms = (("baseline", ""), ("prompts", "prompts"))
+    rows = run_seed(cfg, tmp_path, cfg.seed, 4, arms, only=("baseline",))
+    sub = tmp_path / f"seed-{cfg.seed}"
+    assert list(rows) == ["baseline"] and (sub / "baseline" / "arm.json").exists()
+    assert not (sub / "prompts").exists() and not (sub / "results.json").exists()

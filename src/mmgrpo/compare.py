@@ -244,10 +244,12 @@ def compare(cfg: TrainConfig, root: str | Path | None = None, test_limit: int | 
     return _summarise(run, cfg, rows)
 
 
-def run_seed(cfg: TrainConfig, root: Path, seed: int, test_limit: int | None, arms=ARMS) -> dict[str, dict]:
+def run_seed(cfg: TrainConfig, root: Path, seed: int, test_limit: int | None, arms=ARMS,
+             only: tuple[str, ...] | None = None) -> dict[str, dict]:
     """Seed ``seed`` of a multi-seed comparison whose first seed is cfg.seed, in root/seed-S with its
     own table. A later seed runs its prompts arm first and then takes the first seed's baseline
-    (share_baseline), so that seeds started side by side (studies/compare_seed.py) find it finished."""
+    (share_baseline), so that seeds started side by side (studies/compare_seed.py) find it finished.
+    ``only``: run just these arms now (the table waits for the rest)."""
     sub = root / f"seed-{seed}"
     scfg = dataclasses.replace(cfg, seed=seed)
     run = _open(scfg, sub, test_limit, arms, 1)
@@ -256,9 +258,12 @@ def run_seed(cfg: TrainConfig, root: Path, seed: int, test_limit: int | None, ar
     for name, strategy in order:
         if name == "baseline":
             share_baseline(root, cfg.seed, seed)  # if the first seed has finished it
-        rows[name] = _finished(sub, name) or run_arm(scfg, sub, name, strategy, test_limit)
-    rows = {name: rows[name] for name, _ in arms}
-    _summarise(run, scfg, rows)
+        done = _finished(sub, name)
+        if done or only is None or name in only:
+            rows[name] = done or run_arm(scfg, sub, name, strategy, test_limit)
+    if len(rows) == len(arms):
+        rows = {name: rows[name] for name, _ in arms}
+        _summarise(run, scfg, rows)
     return rows
 
 
