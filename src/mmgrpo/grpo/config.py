@@ -209,9 +209,10 @@ class TrainConfig:
     per micro-batch with shared_prefix off: bounds memory; gradients accumulate."""
     recompute_tokens: int = 2048
     """A micro-batch whose forward pass spans more tokens than this keeps only each layer's input
-    and recomputes the rest in the backward pass (gradient checkpointing): a 4,000-token call needs
-    ~1/3 of the memory for ~10% more time. Only calls alone over pack_tokens (a long input, such as
-    a PUPA request) reach it with the defaults; a call alone skips the block mask. 0 = every micro-batch.
+    and recomputes the rest in the backward pass (gradient checkpointing); a call alone also skips the
+    block mask. A 2,785-token PUPA call: 0.48x the peak memory, 0.92x the time
+    (benchmarks/update_long_call.py). Only calls alone over pack_tokens (a long input, such as a PUPA
+    request) reach it with the defaults. 0 = every micro-batch.
     The "cache" kernel's micro-batches are bounded by token_budget instead (its cache cannot be
     recomputed)."""
     lora_r: int = 16

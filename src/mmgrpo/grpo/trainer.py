@@ -104,10 +104,10 @@ class Trainer:
         kernel = self.cfg.prefix_attention if self.cfg.shared_prefix else "plain"
         if kernel == "cache":  # its cache cannot be recomputed; token_budget bounds it
             return self.cached_logprobs(seqs, t)
-        if len(seqs) == 1 and kernel == "packed":  # nothing to share: a causal mask needs no N x N block mask
-            long = len(seqs[0][0]) + len(seqs[0][1]) > self.cfg.recompute_tokens
-            kernel = "plain" if long else kernel
-        with self._recompute(self.forward_tokens(seqs, kernel) > self.cfg.recompute_tokens):
+        long = self.forward_tokens(seqs, kernel) > self.cfg.recompute_tokens  # one call: the same either way
+        if long and len(seqs) == 1:  # nothing to share: a causal mask needs no N x N block mask
+            kernel = "plain"
+        with self._recompute(long):
             return self.completion_logprobs(seqs, t) if kernel == "plain" else self.packed_logprobs(seqs, t)
 
     @staticmethod
