@@ -57,6 +57,39 @@ def test_greedy_is_deterministic_and_batch_invariant(lm):
     assert alone.token_ids == batched.token_ids
 
 
+def test_prefill_chunks_are_bounded_by_tokens_and_decode_the_same(lm):
+    """A long prompt among short ones: with ``prefill_tokens`` each prefill forward pass holds at
+    most that many padded tokens (the long row alone), and greedy replies are those of row chunks."""
+    short = [lm.tokenize_chat([{"role": "user", "content": f"Name a fruit, number {i}."}]) for i in range(5)]
+    long = lm.tokenize_chat([{"role": "user", "content": "Summarise: " + "the sea is calm and blue. " * 60}])
+    prompts = short[:3] + [long] + short[3:]
+    g = [SamplingParams(temperature=0.0, max_tokens=6)] * len(prompts)
+    before = lm.generate_batch(prompts, g)
+    sizes = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda mod, args, kw: sizes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    lm.prefill_tokens, bound = 2 * len(short[0]) + 4, 2 * len(short[0]) + 4
+    try:
+        after = lm.generate_batch(prompts, g)
+    finally:
+        lm.prefill_tokens = None
+        hook.remove()
+    prefills = [s for s in sizes if s[1] > 1]  # (rows, tokens after the shared prefix); 1 token: decoding
+    assert max(prefills, key=lambda s: s[1])[0] == 1  # the long prompt was prefilled alone
+    assert all(b * n <= bound for b, n in prefills if b > 1) and any(b > 1 for b, _ in prefills)
+    assert [o.token_ids for o in after] == [o.token_ids for o in before]
+
+
+def test_chunks_split_sorted_rows_by_count_and_padded_tokens():
+    from mmgrpo.lm.hf import _chunks
+
+    lens = [10, 20, 30, 400, 5]
+    order = sorted(range(5), key=lambda i: lens[i])  # 4, 0, 1, 2, 3
+    assert _chunks(order, lens, 8, None) == [[4, 0, 1, 2, 3]]
+    assert _chunks(order, lens, 2, None) == [[4, 0], [1, 2], [3]]
+    assert _chunks(order, lens, 8, 90) == [[4, 0, 1], [2], [3]]  # 3 x 20 <= 90 < 4 x 30; 400 alone
+
+
 def test_seeded_sampling_repeats(lm):
     p = lm.tokenize_chat([{"role": "user", "content": "Tell me a word."}])
     s = SamplingParams(temperature=1.0, max_tokens=10, seed=123)

@@ -127,6 +127,10 @@ class TrainConfig:
     (the same tokens up to float rounding of batched logits); only the speed differs. Off by default:
     on the 2-core CPU it was 0.94-0.97x the static rate for Banking77 rollouts
     (benchmarks/rollout_throughput.py measures both); it can pay where reply lengths vary widely."""
+    prefill_tokens: int = 8192
+    """In-process rollouts: a prefill chunk (up to 8 prompts of a batch, sorted by length) holds
+    at most this many padded tokens, so one long prompt is prefilled with fewer rows beside it
+    instead of padding 8 rows to its length. Prompts that fit leave batching unchanged. 0: rows only."""
     servers: list[str] = field(default_factory=list)
     """Policy servers that sample the rollouts and dev evaluations, e.g. ["http://127.0.0.1:8000/v1"]:
     `vllm serve MODEL --enable-lora --logprobs-mode processed_logprobs` (with
@@ -265,6 +269,7 @@ class TrainConfig:
         need(self.token_budget >= 64, "token_budget", "must be >= 64")
         need(64 <= self.pack_tokens <= 8192, "pack_tokens", "must be between 64 and 8192")
         need(self.recompute_tokens >= 0, "recompute_tokens", "must be >= 0 (0 = recompute every micro-batch)")
+        need(self.prefill_tokens >= 0, "prefill_tokens", "must be >= 0 (0 = bound prefill chunks by rows only)")
         need(self.prefix_attention in ("packed", "cache"), "prefix_attention", "must be packed or cache")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(0 <= self.max_error_rate <= 1, "max_error_rate", "must be in [0, 1]")
@@ -330,7 +335,7 @@ SECTIONS: dict[str, dict[str, str]] = {
              "reward": "reward", "train": "train_data", "dev": "dev_data", "test": "test_data", "prompts": "prompts"},
     "rollout": {k: k for k in ("batch_examples", "group_size", "temperature", "top_p", "max_tokens", "concurrency",
                                "format_failure_score", "failure_score", "max_error_rate", "deterministic",
-                               "continuous_batching",
+                               "continuous_batching", "prefill_tokens",
                                "servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
                                "request_backoff_s", "workers", "ray_address")},
     "grpo": {k: k for k in ("grouping", "group_level", "scale_rewards", "per_trajectory_norm", "loss_type", "epsilon",

@@ -75,8 +75,8 @@ class Clients:
 
 class HFBackend:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_wait_s: float = 0.05, device: str | None = None,
-                 prefix_cache_size: int = 4, prefill_chunk: int = 8, deterministic: bool = True,
-                 continuous: bool = False):
+                 prefix_cache_size: int = 4, prefill_chunk: int = 8, prefill_tokens: int | None = 8192,
+                 deterministic: bool = True, continuous: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -94,6 +94,7 @@ class HFBackend:
         self.prefix_cache_size = prefix_cache_size
         self.min_prefix = 16
         self.prefill_chunk = prefill_chunk
+        self.prefill_tokens = prefill_tokens  # a chunk's rows x its longest row stay under this (None: rows only)
         self._prefix_cache: dict[tuple, list] = {}
         self._cv = threading.Condition()  # guards _pending, _active, _closed
         self._pending: list[_Request] = []
@@ -322,7 +323,8 @@ class HFBackend:
         """Build the batch's cache and last-token logits.
 
         A prefix shared by all rows is computed once (and kept across batches). The rest of
-        each prompt is prefilled in chunks of rows sorted by length, so padding stays small,
+        each prompt is prefilled in chunks of rows sorted by length (at most prefill_chunk rows and
+        prefill_tokens padded tokens, see `_chunks`), so padding and activations stay small,
         then right-aligned into one preallocated StaticCache: a growing cache would re-copy
         itself at every decoding step, which made batch-32 decoding memory-bound.
         """
@@ -346,8 +348,7 @@ class HFBackend:
         logits = [None] * B
         cache = StaticCache(config=self.model.config, max_cache_len=P + S + max_new)
         order = sorted(range(B), key=lambda i: lens[i])
-        for c in range(0, B, self.prefill_chunk):
-            rows = order[c:c + self.prefill_chunk]
+        for rows in _chunks(order, lens, self.prefill_chunk, self.prefill_tokens):
             b, Sc = len(rows), max(lens[i] for i in rows)
             ids = torch.full((b, Sc), self.pad_id, dtype=torch.long)
             cmask = torch.zeros((b, P + Sc), dtype=torch.long)
@@ -515,6 +516,19 @@ class _Row:
         self.toks, self.lps = [], []
         s = self.req.params.seed  # unseeded rows get fresh entropy (the global RNG untouched)
         self.seed = s if s is not None else int.from_bytes(os.urandom(8), "little")
+
+
+def _chunks(order: list[int], lens: list[int], rows: int, tokens: int | None) -> list[list[int]]:
+    """Split rows sorted by length into prefill chunks of at most ``rows`` rows whose padded size
+    (rows x the longest) stays under ``tokens``; a row longer than that is a chunk alone. Long prompts
+    then cost a few rows' activations at a time instead of a full chunk's."""
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < rows and (tokens is None or (len(out[-1]) + 1) * lens[i] <= tokens):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def _common_prefix_len(seqs: list[list[int]]) -> int:
