@@ -28,12 +28,29 @@ def rows(result: dict) -> list[str]:
     return out
 
 
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def by_seed(result: dict, arm: str) -> str:
+    """The same difference with the seed as the unit: mean of the seeds' test differences and a
+    t interval over them. Stricter than the per-example CI, which counts only test-set noise."""
+    a, b = result["arms"]["prompts_weights"].get("test_by_seed"), result["arms"][arm].get("test_by_seed")
+    if not a or len(a) < 2 or len(a) - 1 not in T975:
+        return ""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+    return (f"; over {len(d)} seeds minus {arm}: " + " / ".join(f"{x:+.3f}" for x in d)
+            + f", mean {mean:+.3f} ± {T975[len(d) - 1] * sd / len(d) ** 0.5:.3f} (t, seeds as the unit)")
+
+
 def verdict(result: dict) -> str:
     arms = result["arms"]
     wins = [k for k in ("prompts", "weights")
             if arms[k].get("vs_prompts_weights") and arms[k]["vs_prompts_weights"][0] - arms[k]["vs_prompts_weights"][1] > 0]
     return (f"{result['task']}: prompts → weights above both single levers with the paired CI excluding 0: "
-            f"{'yes' if len(wins) == 2 else 'no'} (significantly above: {', '.join(wins) or 'neither'})")
+            f"{'yes' if len(wins) == 2 else 'no'} (significantly above: {', '.join(wins) or 'neither'})"
+            + by_seed(result, "prompts"))
 
 
 def main() -> None:
