@@ -130,7 +130,9 @@ class TrainConfig:
     prefill_tokens: int = 8192
     """In-process rollouts: a prefill chunk (up to 8 prompts of a batch, sorted by length) holds
     at most this many padded tokens, so one long prompt is prefilled with fewer rows beside it
-    instead of padding 8 rows to its length. Prompts that fit leave batching unchanged. 0: rows only."""
+    instead of padding 8 rows to its length. Prompts that fit leave batching unchanged. 0: rows only.
+    One PAPILLON step with a 4,276-token prompt among 16 programs: peak memory 0.59x, time 0.78x,
+    the same completions (benchmarks/rollout_long_prompts.py)."""
     servers: list[str] = field(default_factory=list)
     """Policy servers that sample the rollouts and dev evaluations, e.g. ["http://127.0.0.1:8000/v1"]:
     `vllm serve MODEL --enable-lora --logprobs-mode processed_logprobs` (with
