@@ -18,7 +18,7 @@ import sys
 import time
 
 
-def one(tokens: int | None, long_rank: int) -> dict:
+def one(tokens: int, long_rank: int) -> dict:
     import torch
 
     from mmgrpo.lm.base import SamplingParams
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
-        print(json.dumps(one(None if args.variant == "rows" else int(args.variant), args.long_rank)))
+        print(json.dumps(one(0 if args.variant == "rows" else int(args.variant), args.long_rank)))
         return
     runs = {}
     for variant in ("rows", str(args.tokens)):

@@ -64,15 +64,17 @@ def test_prefill_chunks_are_bounded_by_tokens_and_decode_the_same(lm):
     long = lm.tokenize_chat([{"role": "user", "content": "Summarise: " + "the sea is calm and blue. " * 60}])
     prompts = short[:3] + [long] + short[3:]
     g = [SamplingParams(temperature=0.0, max_tokens=6)] * len(prompts)
+    old = lm.prefill_tokens
+    lm.prefill_tokens = 0  # chunks bounded by rows only
     before = lm.generate_batch(prompts, g)
     sizes = []
     hook = lm.model.register_forward_pre_hook(
         lambda mod, args, kw: sizes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
-    lm.prefill_tokens, bound = 2 * len(short[0]) + 4, 2 * len(short[0]) + 4
+    bound = lm.prefill_tokens = 2 * len(short[0]) + 4
     try:
         after = lm.generate_batch(prompts, g)
     finally:
-        lm.prefill_tokens = None
+        lm.prefill_tokens = old  # the session's backend keeps its default
         hook.remove()
     prefills = [s for s in sizes if s[1] > 1]  # (rows, tokens after the shared prefix); 1 token: decoding
     assert max(prefills, key=lambda s: s[1])[0] == 1  # the long prompt was prefilled alone
@@ -85,8 +87,8 @@ def test_chunks_split_sorted_rows_by_count_and_padded_tokens():
 
     lens = [10, 20, 30, 400, 5]
     order = sorted(range(5), key=lambda i: lens[i])  # 4, 0, 1, 2, 3
-    assert _chunks(order, lens, 8, None) == [[4, 0, 1, 2, 3]]
-    assert _chunks(order, lens, 2, None) == [[4, 0], [1, 2], [3]]
+    assert _chunks(order, lens, 8, 0) == [[4, 0, 1, 2, 3]]  # 0: rows only
+    assert _chunks(order, lens, 2, 0) == [[4, 0], [1, 2], [3]]
     assert _chunks(order, lens, 8, 90) == [[4, 0, 1], [2], [3]]  # 3 x 20 <= 90 < 4 x 30; 400 alone
 
 

@@ -258,7 +258,7 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
     program = _load_program(cfg, task)
     backend = HFBackend.load(cfg.model, device=device, dtype=cfg.dtype, max_batch=max(cfg.concurrency, 1),
                              deterministic=cfg.deterministic, continuous=cfg.continuous_batching,
-                             prefill_tokens=cfg.prefill_tokens or None)
+                             prefill_tokens=cfg.prefill_tokens)
     if not resume and distributed.rank() == 0:
         run.write_json("config.json", {"config": cfg.to_dict(), "task_settings": task.settings,
                                        "command": sys.argv, "prompts": program.prompt_state()})

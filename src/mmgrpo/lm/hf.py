@@ -75,7 +75,7 @@ class Clients:
 
 class HFBackend:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_wait_s: float = 0.05, device: str | None = None,
-                 prefix_cache_size: int = 4, prefill_chunk: int = 8, prefill_tokens: int | None = 8192,
+                 prefix_cache_size: int = 4, prefill_chunk: int = 8, prefill_tokens: int = 8192,
                  deterministic: bool = True, continuous: bool = False):
         self.model = model
         self.tokenizer = tokenizer
@@ -94,7 +94,7 @@ class HFBackend:
         self.prefix_cache_size = prefix_cache_size
         self.min_prefix = 16
         self.prefill_chunk = prefill_chunk
-        self.prefill_tokens = prefill_tokens  # a chunk's rows x its longest row stay under this (None: rows only)
+        self.prefill_tokens = prefill_tokens  # a chunk's rows x its longest row stay under this (0: rows only)
         self._prefix_cache: dict[tuple, list] = {}
         self._cv = threading.Condition()  # guards _pending, _active, _closed
         self._pending: list[_Request] = []
@@ -518,13 +518,13 @@ class _Row:
         self.seed = s if s is not None else int.from_bytes(os.urandom(8), "little")
 
 
-def _chunks(order: list[int], lens: list[int], rows: int, tokens: int | None) -> list[list[int]]:
+def _chunks(order: list[int], lens: list[int], rows: int, tokens: int) -> list[list[int]]:
     """Split rows sorted by length into prefill chunks of at most ``rows`` rows whose padded size
-    (rows x the longest) stays under ``tokens``; a row longer than that is a chunk alone. Long prompts
+    (rows x the longest) stays under ``tokens`` (0: no bound); a row longer than that is a chunk alone. Long prompts
     then cost a few rows' activations at a time instead of a full chunk's."""
     out: list[list[int]] = []
     for i in order:
-        if out and len(out[-1]) < rows and (tokens is None or (len(out[-1]) + 1) * lens[i] <= tokens):
+        if out and len(out[-1]) < rows and (not tokens or (len(out[-1]) + 1) * lens[i] <= tokens):
             out[-1].append(i)
         else:
             out.append([i])
