@@ -55,8 +55,9 @@ def main() -> None:
         copied = copy_records(args.folder, dst)
     else:
         dst = args.out / args.kept.name
-        for arm in dst.glob("**/arm.json"):
-            raise SystemExit(f"{dst} already has finished arms ({arm.parent}); restore into an empty folder")
+        found = next(dst.glob("**/arm.json"), None)
+        if found:
+            raise SystemExit(f"{dst} already has finished arms ({found.parent}); restore into an empty folder")
         copied = copy_records(args.kept, dst)
     print(f"{dst}: {len(copied)} finished arm(s): {', '.join(copied) or 'none'}")
 
