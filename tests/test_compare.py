@@ -160,16 +160,6 @@ def test_across_seeds_averages_examples_then_pairs(tmp_path):
     assert out["prompts_weights"]["test_ci95"] == pytest.approx(1.96 * (1 / 12) ** 0.5 / 2)
 
 
-def test_a_start_arm_written_before_dev_counts_moved_still_gives_the_step0_record():
-    from mmgrpo.compare import start_record
-
-    now = {"dev": 0.4, "dev_ci95": 0.1, "dev_n": 30, "dev_counts": {"ok": 30}, "test": 0.3}
-    before = {**{k: v for k, v in now.items() if k != "dev_counts"}, "dev_record": {"dev": 0.4, "dev_ci95": 0.1,
-                                                                                  "dev_n": 30, "dev_counts": {"ok": 30}}}
-    want = {"dev": 0.4, "dev_ci95": 0.1, "dev_n": 30, "dev_counts": {"ok": 30}, "reused_from": "baseline"}
-    assert start_record(now, "baseline") == want and start_record(before, "baseline") == want
-
-
 def test_run_seed_runs_only_the_named_arms_and_waits_with_the_table(tmp_path):
     from mmgrpo.compare import run_seed
     from mmgrpo.grpo.config import load_config

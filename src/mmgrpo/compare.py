@@ -67,10 +67,8 @@ def _finished(root: Path, name: str | None) -> dict | None:
 
 
 def start_record(start: dict, name: str) -> dict:
-    """A training arm's step-0 dev record: the dev score of the arm it starts from (``start``, its
-    arm.json; arms written before dev_counts moved to the top kept it in dev_record)."""
-    counts = start["dev_counts"] if "dev_counts" in start else start["dev_record"]["dev_counts"]
-    return {**{k: start[k] for k in ("dev", "dev_ci95", "dev_n")}, "dev_counts": counts, "reused_from": name}
+    """A training arm's step-0 dev record: the dev score of the arm it starts from (``start``, its arm.json)."""
+    return {**{k: start[k] for k in ("dev", "dev_ci95", "dev_n", "dev_counts")}, "reused_from": name}
 
 
 def run_arm(cfg: TrainConfig, root: Path, name: str, strategy: str, test_limit: int | None) -> dict:
@@ -205,7 +203,7 @@ def _open(cfg: TrainConfig, root, test_limit, arms, seeds: int) -> RunDir:
 
 def _finish(run: RunDir, cfg: TrainConfig, rows: dict[str, dict], table: str, notes: list[str], png) -> dict:
     summary = {"task": cfg.task, "model": cfg.model, "folder": str(run.path), "plot": str(png), "table": table,
-               "notes": notes, "arms": {k: {x: v for x, v in r.items() if x not in ("prompts", "dev_record")}
+               "notes": notes, "arms": {k: {x: v for x, v in r.items() if x != "prompts"}
                                         for k, r in rows.items()}}
     write_json(run.path / "results.json", summary)
     (run.path / "table.txt").write_text(table + "\n" + "\n".join(notes) + "\n")
