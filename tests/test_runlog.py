@@ -1,11 +1,14 @@
 """The run folder: atomic writes, torn log lines, resume truncation, summary output."""
 from __future__ import annotations
 
+import json
+import math
 import os
 from types import SimpleNamespace
 
 from mmgrpo.grpo.run import print_summary
-from mmgrpo.runlog import RunDir, atomic_write, format_table, publish_dir, recover_dir
+from mmgrpo.rollout import mean_ci
+from mmgrpo.runlog import RunDir, atomic_write, format_table, pm, publish_dir, recover_dir
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -24,6 +27,25 @@ def test_torn_last_line_is_dropped_and_resume_truncates(tmp_path):
     assert [r["step"] for r in run.read_log()] == [1, 2, 3]
     run.truncate_log(2)
     assert [r["step"] for r in run.read_log()] == [1, 2]
+
+
+def _strict(text: str):
+    def refuse(const):
+        raise ValueError(f"non-standard JSON constant {const}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_an_undefined_interval_is_written_as_null_and_shown_as_na(tmp_path):
+    mean, ci = mean_ci([1.0])  # one example: no interval
+    assert math.isnan(ci)
+    run = RunDir(tmp_path)
+    run.write_json("results.json", {"mean": mean, "ci95": ci, "by_step": [{"loss": float("inf")}]})
+    run.log({"step": 1, "kl": float("nan")})
+    run.log({"step": 2, "kl": 0.5})
+    run.truncate_log(1)
+    assert _strict((tmp_path / "results.json").read_text()) == {"mean": 1.0, "ci95": None, "by_step": [{"loss": None}]}
+    assert [_strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [{"step": 1, "kl": None}]
+    assert pm(None) == pm(ci) == "±n/a" and pm(0.0123) == "±0.012"
 
 
 def test_format_table_aligns_columns():

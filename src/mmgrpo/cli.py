@@ -23,7 +23,7 @@ def _task_options(args) -> dict:
 def cmd_eval(args) -> int:
     from .lm.hf import HFBackend
     from .rollout import evaluate
-    from .runlog import RunDir, format_table
+    from .runlog import RunDir, format_table, pm
 
     t0 = time.time()
     if args.run:  # a result: its program, prompts and adapter
@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
                                     "mean": res.mean, "ci95": res.ci95, "n": res.n, "counts": res.counts,
                                     "seconds": time.time() - t0, "scores": res.scores,
                                     "ids": [e.id for e in examples]})
-    print(format_table([(name, args.split, f"{res.mean:.3f}", f"±{res.ci95:.3f}", res.n, res.counts["ok"],
+    print(format_table([(name, args.split, f"{res.mean:.3f}", pm(res.ci95), res.n, res.counts["ok"],
                    res.counts["parse_failure"], res.counts["error"], f"{res.seconds:.0f}s")],
                  ("task", "split", "score", "95% CI", "n", "ok", "parse_fail", "error", "time")))
     print(f"results: {run.path / 'results.json'}")

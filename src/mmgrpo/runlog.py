@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -38,8 +39,28 @@ def format_table(rows: list[tuple], headers: tuple) -> str:
     return "\n".join([line(cols[0]), line(tuple("-" * w for w in widths))] + [line(r) for r in cols[1:]])
 
 
+def pm(ci: float | None) -> str:
+    """A 95% CI half-width for a table; one example has none (stored as null)."""
+    return "±n/a" if ci is None or math.isnan(ci) else f"±{ci:.3f}"
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and inf as null: bare NaN is not JSON, and strict readers (JS, Go, serde) reject the file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    return json.dumps(_finite(obj), default=str, allow_nan=False, **kw)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write(path, dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 class RunDir:
@@ -71,7 +92,7 @@ class RunDir:
     def log(self, record: dict, name: str = "metrics.jsonl") -> None:
         """Append one JSON line; flushed and fsynced so a kill loses at most the line in flight."""
         with open(self.path / name, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+            f.write(dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -90,7 +111,7 @@ class RunDir:
     def truncate_log(self, keep_steps_upto: int, name: str = "metrics.jsonl") -> None:
         """On resume, forget lines written after the checkpoint we resume from."""
         rows = [r for r in self.read_log(name) if r.get("step", 0) <= keep_steps_upto]
-        atomic_write(self.path / name, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+        atomic_write(self.path / name, "".join(dumps(r) + "\n" for r in rows))
 
 
 MANIFEST = "manifest.json"
