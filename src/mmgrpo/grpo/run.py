@@ -315,6 +315,7 @@ def _loop(job: MMGRPO, start: int, trackers) -> dict:
             trackers.log(rec, 0)
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="mmGRPO", initial=start, total=cfg.steps,
                disable=not cfg.progress)
+    last_dev = (job.run.read_log("dev.jsonl") or [None])[-1]  # shown until the next dev evaluation
     for step in bar:
         try:
             rec = job.train_step(step)
@@ -342,8 +343,10 @@ def _loop(job: MMGRPO, start: int, trackers) -> dict:
         job.run.log(rec)
         if trackers is not None:
             trackers.log(rec, step)
+        if "dev" in rec:
+            last_dev = {"step": step, "dev": rec["dev"]}
         bar.set_postfix(reward=f"{rec['reward_mean']:.2f}", groups=rec["groups_used"],
-                        dev=f"{rec.get('dev', float('nan')):.2f}")
+                        dev="-" if last_dev is None else f"{last_dev['dev']:.2f} (step {last_dev['step']})")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             job.checkpoint(step)
     bar.close()
