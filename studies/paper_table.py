@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mmgrpo.runlog import signed
+
 ARMS = (("baseline", "baseline"), ("prompts", "prompts"), ("weights", "weights"),
         ("prompts_weights", "prompts → weights"))
 
@@ -21,7 +23,7 @@ def rows(result: dict) -> list[str]:
     for key, label in ARMS:
         a = result["arms"][key]
         diff = a.get("vs_prompts_weights")
-        paired = f"{diff[0]:+.3f} ± {diff[1]:.3f}" if diff and key != "prompts_weights" else ""
+        paired = f"{signed(diff[0])} ± {diff[1]:.3f}" if diff and key != "prompts_weights" else ""
         spread = f" (seed sd {a['seed_sd']:.3f})" if "seed_sd" in a else ""  # a --seeds N summary
         out.append(f"| {result['task']} | {label} | {a['test']:.3f} ± {a['test_ci95']:.3f}{spread} | {a['test_n']} | "
                    f"{paired} | {a['seconds']:,.0f} | {a['lm_calls']:,.0f} |")
@@ -40,8 +42,8 @@ def by_seed(result: dict, arm: str) -> str:
     d = [x - y for x, y in zip(a, b)]
     mean = sum(d) / len(d)
     sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
-    return (f"; over {len(d)} seeds minus {arm}: " + " / ".join(f"{x:+.3f}" for x in d)
-            + f", mean {mean:+.3f} ± {T975[len(d) - 1] * sd / len(d) ** 0.5:.3f} (t, seeds as the unit)")
+    return (f"; over {len(d)} seeds minus {arm}: " + " / ".join(signed(x) for x in d)
+            + f", mean {signed(mean)} ± {T975[len(d) - 1] * sd / len(d) ** 0.5:.3f} (t, seeds as the unit)")
 
 
 def verdict(result: dict) -> str:

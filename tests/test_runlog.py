@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from mmgrpo.grpo.run import print_summary
 from mmgrpo.rollout import mean_ci
-from mmgrpo.runlog import RunDir, atomic_write, format_table, pm, publish_dir, recover_dir
+from mmgrpo.runlog import RunDir, atomic_write, format_table, pm, publish_dir, signed, recover_dir
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -46,6 +46,10 @@ def test_an_undefined_interval_is_written_as_null_and_shown_as_na(tmp_path):
     assert _strict((tmp_path / "results.json").read_text()) == {"mean": 1.0, "ci95": None, "by_step": [{"loss": None}]}
     assert [_strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [{"step": 1, "kl": None}]
     assert pm(None) == pm(ci) == "±n/a" and pm(0.0123) == "±0.012"
+
+
+def test_a_cancelling_difference_prints_as_plus_zero():
+    assert signed(-1e-17) == "+0.000" and signed(-0.0126) == "-0.013" and signed(0.03) == "+0.030"
 
 
 def test_format_table_aligns_columns():

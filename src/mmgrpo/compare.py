@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .grpo.config import TrainConfig, with_defaults
 from .rollout import evaluate, mean_ci
-from .runlog import RunDir, format_table, pm, write_json
+from .runlog import RunDir, format_table, pm, signed, write_json
 
 ARMS = (("baseline", ""), ("prompts", "prompts"), ("weights", "weights"), ("prompts_weights", "prompts -> weights"))
 # the arm whose program a training arm starts from: its dev score is the training arm's step 0, and
@@ -56,7 +56,7 @@ def paired_diff(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def _diff(d: tuple[float, float | None]) -> str:
-    return f"{d[0]:+.3f} {pm(d[1])}"
+    return f"{signed(d[0])} {pm(d[1])}"
 
 
 def _cost(backend, t0: float) -> dict:

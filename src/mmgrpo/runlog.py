@@ -44,6 +44,11 @@ def pm(ci: float | None) -> str:
     return "±n/a" if ci is None or math.isnan(ci) else f"±{ci:.3f}"
 
 
+def signed(x: float) -> str:
+    """A difference with its sign; a mean of cancelling differences (-1e-17) is +0.000, not -0.000."""
+    return f"{0.0 if abs(x) < 5e-4 else x:+.3f}"
+
+
 def _finite(obj: Any) -> Any:
     """NaN and inf as null: bare NaN is not JSON, and strict readers (JS, Go, serde) reject the file."""
     if isinstance(obj, float):
