@@ -3,8 +3,9 @@ kept 5-seed comparison whose search chose a drafted instruction, score its chose
 same demos under the starting instructions, paired, on 60 training examples that neither the search
 (demos from train[:20], validation train[20:50]) nor dev or test saw: train[50:110].
 
-Usage: python studies/drafted_instructions.py [--seeds 3 1 0 2] [--n 60]; writes
+Usage: python studies/drafted_instructions.py [--seeds 3 1 0 2] [--n 60] [--out F]; writes
 studies/results/drafted_instructions.json after every seed (a killed run keeps the seeds it finished).
+Seed 2's search kept no demos, so its starting-instructions variant is the untouched program.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 1, 0, 2])
     ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "drafted_instructions.json",
+                    help="one file per process when seeds run side by side")
     args = ap.parse_args()
     from mmgrpo.lm.hf import HFBackend
 
@@ -32,7 +35,7 @@ def main():
     held_out = task.train[50: 50 + args.n]
     start = task.make_program().prompt_state()
     lm = HFBackend.load()
-    out_path = HERE / "results" / "drafted_instructions.json"
+    out_path = args.out
     rows = json.loads(out_path.read_text()) if out_path.exists() else {}
     for seed in args.seeds:
         if str(seed) in rows:
