@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mmgrpo.runlog import signed
+from mmgrpo.runlog import diff_ci, signed
 
 ARMS = (("baseline", "baseline"), ("prompts", "prompts"), ("weights", "weights"),
         ("prompts_weights", "prompts → weights"))
@@ -23,7 +23,7 @@ def rows(result: dict) -> list[str]:
     for key, label in ARMS:
         a = result["arms"][key]
         diff = a.get("vs_prompts_weights")
-        paired = f"{signed(diff[0])} ± {diff[1]:.3f}" if diff and key != "prompts_weights" else ""
+        paired = diff_ci(diff) if diff and key != "prompts_weights" else ""
         spread = f" (seed sd {a['seed_sd']:.3f})" if "seed_sd" in a else ""  # a --seeds N summary
         out.append(f"| {result['task']} | {label} | {a['test']:.3f} ± {a['test_ci95']:.3f}{spread} | {a['test_n']} | "
                    f"{paired} | {a['seconds']:,.0f} | {a['lm_calls']:,.0f} |")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from mmgrpo.grpo.run import print_summary
 from mmgrpo.rollout import mean_ci
-from mmgrpo.runlog import RunDir, atomic_write, format_table, pm, publish_dir, signed, recover_dir
+from mmgrpo.runlog import RunDir, atomic_write, diff_ci, format_table, pm, publish_dir, recover_dir, signed
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -50,6 +50,7 @@ def test_an_undefined_interval_is_written_as_null_and_shown_as_na(tmp_path):
 
 def test_a_cancelling_difference_prints_as_plus_zero():
     assert signed(-1e-17) == "+0.000" and signed(-0.0126) == "-0.013" and signed(0.03) == "+0.030"
+    assert diff_ci((-1e-17, 0.057)) == "+0.000 ± 0.057" and diff_ci((0.1, float("nan"))) == "+0.100 ± n/a"
 
 
 def test_format_table_aligns_columns():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .grpo.config import TrainConfig, with_defaults
 from .rollout import evaluate, mean_ci
-from .runlog import RunDir, format_table, pm, signed, write_json
+from .runlog import RunDir, diff_ci, format_table, pm, write_json
 
 ARMS = (("baseline", ""), ("prompts", "prompts"), ("weights", "weights"), ("prompts_weights", "prompts -> weights"))
 # the arm whose program a training arm starts from: its dev score is the training arm's step 0, and
@@ -53,10 +53,6 @@ PRESETS = {  # budgets sized for a 2-core CPU and the embedded model; banking77'
 def paired_diff(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of a - b over the same examples, with a normal-approximation 95% half-width."""
     return mean_ci([x - y for x, y in zip(a, b, strict=True)])
-
-
-def _diff(d: tuple[float, float | None]) -> str:
-    return f"{signed(d[0])} {pm(d[1])}"
 
 
 def _cost(backend, t0: float) -> dict:
@@ -278,7 +274,7 @@ def _summarise(run: RunDir, cfg: TrainConfig, rows: dict[str, dict]) -> dict:
     png = plot(run.path, rows, f"{cfg.task} ({cfg.model}), dev n={cfg.eval_examples}")
     table = format_table(
         [(r["strategy"], f"{r['test']:.3f}", pm(r['test_ci95']), r["test_n"], f"{r['dev']:.3f}",
-          "" if "vs_prompts_weights" not in r else _diff(r["vs_prompts_weights"]),
+          "" if "vs_prompts_weights" not in r else diff_ci(r["vs_prompts_weights"]),
           f"{r['seconds']:.0f}{'*' if r['resumed'] else ''}", r["lm_calls"], r["gen_tokens"], r["prompt_tokens"])
          for r in rows.values()],
         ("arm", "test", "95% CI", "n", "dev", "p->w minus arm (paired)", "wall s", "LM calls", "gen tokens",
@@ -318,7 +314,7 @@ def _across_seeds(run: RunDir, cfg: TrainConfig, per_seed: list[dict[str, dict]]
     table = format_table(
         [(r["strategy"], f"{r['test']:.3f}", pm(r['test_ci95']), f"{r['seed_sd']:.3f}",
           " / ".join(f"{t:.3f}" for t in r["test_by_seed"]), r["test_n"], f"{r['dev']:.3f}",
-          "" if "vs_prompts_weights" not in r else _diff(r["vs_prompts_weights"]),
+          "" if "vs_prompts_weights" not in r else diff_ci(r["vs_prompts_weights"]),
           f"{r['seconds']:.0f}", f"{r['lm_calls']:.0f}") for r in rows.values()],
         ("arm", "test", "95% CI", "seed sd", "by seed", "n", "dev", "p->w minus arm (paired)", "wall s/seed",
          "LM calls/seed"))

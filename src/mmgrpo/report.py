@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .runlog import RunDir, atomic_write, pm, signed
+from .runlog import RunDir, atomic_write, diff_ci
 
 
 def _plt():
@@ -176,7 +176,7 @@ def write_report(folder: str | Path) -> Path:
         rows = [{"arm": k, **v} for k, v in results.get("arms", {}).items()]
         for r in rows:
             d = r.get("vs_prompts_weights")
-            r["p->w minus arm"] = f"{signed(d[0])} {pm(d[1])}" if d else ""
+            r["p->w minus arm"] = diff_ci(d) if d else ""
         sections.append("<h2>Held-out test</h2>" + _table(rows, ["arm", "strategy", "test", "test_ci95", "test_n",
                                                                    "dev", "p->w minus arm", "seconds", "lm_calls"]))
         for arm in results.get("arms", {}):

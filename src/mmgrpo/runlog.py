@@ -39,14 +39,23 @@ def format_table(rows: list[tuple], headers: tuple) -> str:
     return "\n".join([line(cols[0]), line(tuple("-" * w for w in widths))] + [line(r) for r in cols[1:]])
 
 
+def _half(ci: float | None) -> str:
+    """A 95% CI half-width; one example has none (stored as null)."""
+    return "n/a" if ci is None or math.isnan(ci) else f"{ci:.3f}"
+
+
 def pm(ci: float | None) -> str:
-    """A 95% CI half-width for a table; one example has none (stored as null)."""
-    return "±n/a" if ci is None or math.isnan(ci) else f"±{ci:.3f}"
+    return f"±{_half(ci)}"
 
 
 def signed(x: float) -> str:
     """A difference with its sign; a mean of cancelling differences (-1e-17) is +0.000, not -0.000."""
     return f"{0.0 if abs(x) < 5e-4 else x:+.3f}"
+
+
+def diff_ci(d: tuple[float, float | None]) -> str:
+    """A paired difference and its 95% half-width, as compare tables and reports print it."""
+    return f"{signed(d[0])} ± {_half(d[1])}"
 
 
 def _finite(obj: Any) -> Any:
