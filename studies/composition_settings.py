@@ -56,6 +56,17 @@ def summarize(folder: Path) -> dict:
                                 for s in steps]}
 
 
+def known_start(root: Path, name: str) -> dict | None:
+    """Another variant's step-0 dev record: every variant starts from the same program (the same search,
+    or none) and dev is scored greedily, so the start is measured once, not once per variant."""
+    for log in sorted(root.glob("*/dev.jsonl")):
+        first = log.read_text().splitlines()[:1]
+        if log.parent.name not in (name, "search") and first and json.loads(first[0])["step"] == 0:
+            rec = json.loads(first[0])
+            return {**{k: rec[k] for k in ("dev", "dev_ci95", "dev_n", "dev_counts")}, "reused_from": log.parent.name}
+    return None
+
+
 def run_variant(cfg, root: Path, name: str, search: Path | None) -> dict:
     from mmgrpo.compose import run as run_strategy
     from mmgrpo.grpo.run import build
@@ -68,6 +79,9 @@ def run_variant(cfg, root: Path, name: str, search: Path | None) -> dict:
     vcfg = dataclasses.replace(cfg, **VARIANTS[name], strategy=strategy, name=name, out=str(root))
     resumed = (folder / "config.json").exists()
     job = build(vcfg, resume=str(folder) if resumed else None, path=folder)
+    start = known_start(root, name)
+    if start and start["dev_n"] == len(job.dev):
+        job.known_dev[0] = start
     if search:
         shutil.copyfile(search, folder / "prompts_step0.json")  # the same search for every variant
     t0 = time.time()
