@@ -61,8 +61,8 @@ def known_start(root: Path, name: str) -> dict | None:
     or none) and dev is scored greedily, so the start is measured once, not once per variant."""
     for log in sorted(root.glob("*/dev.jsonl")):
         first = log.read_text().splitlines()[:1]
-        if log.parent.name not in (name, "search") and first and json.loads(first[0])["step"] == 0:
-            rec = json.loads(first[0])
+        rec = json.loads(first[0]) if first and log.parent.name not in (name, "search") else None
+        if rec and rec["step"] == 0:
             return {**{k: rec[k] for k in ("dev", "dev_ci95", "dev_n", "dev_counts")}, "reused_from": log.parent.name}
     return None
 

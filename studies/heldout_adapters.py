@@ -19,6 +19,7 @@ from pathlib import Path
 from mmgrpo.compare import PRESETS, paired_diff
 from mmgrpo.grpo.run import batch_for_step
 from mmgrpo.rollout import evaluate
+from mmgrpo.runlog import diff_ci, pm
 from mmgrpo.tasks import get_task
 
 HERE = Path(__file__).parent
@@ -65,11 +66,12 @@ def main():
         rows.setdefault("programs", {})[name] = {"run": None if folder is None else str(folder), "mean": r.mean,
                                                  "ci95": r.ci95, "counts": r.counts, "scores": r.scores,
                                                  "seconds": time.time() - t0}
+        line = f"{name}: {r.mean:.3f} {pm(r.ci95)}"
         if folder is not None:
             d = paired_diff(r.scores, rows["programs"]["untouched"]["scores"])
             rows["programs"][name]["minus_untouched"] = d
-        print(f"{name}: {r.mean:.3f} ± {r.ci95:.3f}" + (f", minus untouched {d[0]:+.3f} ± {d[1]:.3f}" if folder else "")
-              + f" (n={r.n}, {time.time() - t0:.0f} s)", flush=True)
+            line += f", minus untouched {diff_ci(d)}"
+        print(f"{line} (n={r.n}, {time.time() - t0:.0f} s)", flush=True)
         out.write_text(json.dumps(rows, indent=2) + "\n")
         del program, lm
 
