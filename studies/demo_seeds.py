@@ -8,6 +8,7 @@ With --test, each run's result (its best adapter by dev) is also scored once on 
 paired against the untrained model on the same examples.
 
 Usage: python studies/demo_seeds.py [--variants lr1e-4 lr3e-5 beta0.04] [--seeds 0 1 2] [--test] [--out runs/demostudy]
+Side by side, one run per core: OMP_NUM_THREADS=1 taskset -c 0 python studies/demo_seeds.py --variants A ... &
 """
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ VARIANTS = {  # name -> --set overrides of the demo config (whose learning rate 
     "lr1e-4": ["grpo.learning_rate=1e-4"],
     "lr3e-5": ["grpo.learning_rate=3e-5"],
     "beta0.04": ["grpo.learning_rate=1e-4", "grpo.beta=0.04"],  # KL to the adapter-off model
+    # what the loss is normalized over: every sampled completion, or only those in groups with signal
+    "denom-batch": ["grpo.loss_denominator=batch"],
+    "denom-informative": ["grpo.loss_denominator=informative"],
+    # the registered losses beyond the clipped ratio; with one iteration a batch (the demo's) the ratio is
+    # 1 and GSPO's gradient is GRPO's, CISPO's DAPO's: two iterations make them differ
+    "grpo-mu2": ["grpo.num_iterations=2"],
+    "gspo-mu2": ["grpo.loss_type=gspo", "grpo.num_iterations=2"],
+    "cispo-mu2": ["grpo.loss_type=cispo", "grpo.num_iterations=2"],
 }
 
 
@@ -59,6 +68,9 @@ def read(folder: Path) -> dict:
     steps = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {"folder": folder.name, "dev_by_step": {d["step"]: round(d["dev"], 4) for d in dev},
             "final_dev": dev[-1]["dev"], "best_dev": max(d["dev"] for d in dev),
+            "eval_max_tokens": dev[-1].get("eval_max_tokens", 256),
+            "wall_s": round(sum(d.get("eval_s", 0) for d in dev) + sum(s.get("rollout_s", 0) + s.get("update_s", 0)
+                                                                        for s in steps)),
             "reward_by_step": [round(s["reward_mean"], 3) for s in steps],
             "entropy_by_step": [round(s["entropy"], 3) for s in steps]}
 
@@ -71,12 +83,12 @@ def main() -> None:
     ap.add_argument("--out", default="runs/demostudy")
     args = ap.parse_args()
     out = Path(args.out).resolve()
-    summary = {}
     if args.test:
         from mmgrpo.compare import paired_diff
 
         base = test_scores(out, "untrained", ["--task", "banking77", "--n-labels", "10", "--n-demos", "5",
                                               "--no-reasoning"])
+    path = HERE / "results" / "demo_seeds.json"
     for v in args.variants:
         runs = {}
         for s in args.seeds:
@@ -89,16 +101,25 @@ def main() -> None:
                                test_gain_paired=paired_diff(res["scores"], base["scores"]))
                 print(f"{v} seed {s}: test {base['mean']:.3f} -> {res['mean']:.3f}, paired "
                       "{:+.3f} ± {:.3f}".format(*runs[s]["test_gain_paired"]), flush=True)
-        finals, bests = [r["final_dev"] for r in runs.values()], [r["best_dev"] for r in runs.values()]
-        summary[v] = {"overrides": VARIANTS[v], "seeds": args.seeds, "final_dev_mean": statistics.mean(finals),
-                      "final_dev_sd": _sd(finals), "best_dev_mean": statistics.mean(bests), "best_dev_sd": _sd(bests),
-                      "runs": runs}
+            record(path, v, s, runs[s])  # each run as it finishes: a stopped study keeps what it measured
+        entry = json.loads(path.read_text())[v]  # with the seeds other processes recorded
+        finals = [r["final_dev"] for r in entry["runs"].values()]
         print(f"{v:10s} final dev {statistics.mean(finals):.3f} (sd {_sd(finals):.3f}) "
-              f"best {statistics.mean(bests):.3f}  by seed {[round(x, 3) for x in finals]}", flush=True)
-    path = HERE / "results" / "demo_seeds.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**old, **summary}, indent=2) + "\n")
+              f"best {entry['best_dev_mean']:.3f}  by seed {[round(x, 3) for x in finals]}", flush=True)
     print(f"wrote {path}")
+
+
+def record(path: Path, variant: str, seed: int, result: dict) -> None:
+    """Add one finished run to the results file (other variants and seeds kept), atomically."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    entry = old.setdefault(variant, {"overrides": VARIANTS[variant], "runs": {}})
+    entry["runs"][str(seed)] = result
+    finals, bests = [r["final_dev"] for r in entry["runs"].values()], [r["best_dev"] for r in entry["runs"].values()]
+    entry.update(seeds=sorted(int(k) for k in entry["runs"]), final_dev_mean=statistics.mean(finals),
+                 final_dev_sd=_sd(finals), best_dev_mean=statistics.mean(bests), best_dev_sd=_sd(bests))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(old, indent=2) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -44,3 +44,25 @@ def cpu_hog():
         for p in procs:
             p.kill()
             p.wait()
+
+
+def tiny_backend(**config):
+    """An HFBackend over a tiny random-initialized model of the embedded model's architecture and
+    tokenizer: for tests of mechanics, not of the real model's behaviour. ``config``: LlamaConfig
+    overrides (e.g. attention_dropout)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from mmgrpo.lm.hf import HFBackend
+    from mmgrpo.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      **config)
+    model = LlamaForCausalLM(cfg).eval()
+    return HFBackend(model, tok)

@@ -220,3 +220,48 @@ def test_outside_lm_and_judge_outages_stop_the_step_and_the_run_resumes_to_the_s
         for p in procs.values():
             p.kill()
             p.wait()
+
+
+def test_a_non_finite_later_iteration_leaves_weights_and_optimizer_as_before_the_update(backend, tmp_path,
+                                                                                        monkeypatch):
+    job = make_job(backend, tmp_path / "run", num_iterations=3)
+    assert job.trainer.update(grouping(backend))["updated"]  # optimizer state exists
+    before, opt_before = adapter_state(job), job.trainer.opt.state_dict()
+    moments = {k: v["exp_avg"].clone() for k, v in opt_before["state"].items()}
+    steps = {k: float(v["step"]) for k, v in opt_before["state"].items()}
+    real_loss, calls = trainer_mod.grpo_loss, [0]
+
+    def nan_on_the_last_iteration(*a, **k):
+        out = real_loss(*a, **k)
+        calls[0] += 1
+        if calls[0] > 2:  # one micro-batch an iteration: iterations 1 and 2 step, the third is not finite
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod, "grpo_loss", nan_on_the_last_iteration)
+    out = job.trainer.update(grouping(backend))
+    assert calls[0] == 3 and out["updated"] is False and out["nonfinite_skipped"] is True
+    assert all(torch.equal(before[n], p) for n, p in adapter_state(job).items())
+    state = job.trainer.opt.state_dict()["state"]
+    assert all(torch.equal(moments[k], state[k]["exp_avg"]) and float(state[k]["step"]) == steps[k] for k in state)
+
+
+def test_the_best_adapter_and_the_non_finite_count_are_part_of_the_checkpoint(backend, tmp_path):
+    job = make_job(backend, tmp_path / "run")
+    job.best = {"dev": 0.5, "step": 1}
+    job.trainer.save_adapter(tmp_path / "run" / "best_adapter")
+    named = load_file(str(tmp_path / "run" / "best_adapter" / "adapter_model.safetensors"))
+    job.nonfinite = 1
+    job.trainer.finish_step()
+    job.checkpoint(1)
+    assert verify_manifest(tmp_path / "run" / "checkpoints" / "step-000001") is None
+    # then: an update and a better dev score write a newer best adapter, and the run dies before its checkpoint
+    job.trainer.update(grouping(backend))
+    job.trainer.save_adapter(tmp_path / "run" / "best_adapter")
+    newer = load_file(str(tmp_path / "run" / "best_adapter" / "adapter_model.safetensors"))
+    assert any(not torch.equal(newer[k], named[k]) for k in named)
+    again = make_job(backend, tmp_path / "run")
+    assert again.resume() == 1
+    assert again.best == {"dev": 0.5, "step": 1} and again.nonfinite == 1
+    restored = load_file(str(tmp_path / "run" / "best_adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(restored[k], named[k]) for k in named)  # the adapter the restored state names

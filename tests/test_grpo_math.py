@@ -216,3 +216,40 @@ def test_per_module_statistics_by_hand(trajs):
     assert q["entropy"] == pytest.approx((7 * 1.0 + 3.0) / 8) and a["entropy"] == pytest.approx(1.0)
     assert q["clip_frac"] == 0.25 and "clip_frac" not in a  # the update's figures, where it trained
     assert sampled_entropy(trajs + [err]) == pytest.approx((11 * 1.0 + 3.0) / 12)
+
+
+def test_a_group_too_small_is_put_down_to_errors_only_when_failed_rollouts_had_reached_it():
+    ok = [traj(0, 1.0, ["query", "answer"]), traj(1, 0.0, ["query"], status="parse_failure")]
+    reached = traj(2, 0.0, ["query", "answer"], status="error")  # failed after its answer call (e.g. the metric)
+    early = traj(3, 0.0, ["query"], status="error")  # failed before reaching answer
+    g = group_calls({"ex": ok + [reached]}, "truncate", min_size=2)
+    assert g.skipped_by_module[("answer", "errors")] == 1 and not g.skipped_by_module[("answer", "too_small")]
+    g = group_calls({"ex": ok + [early]}, "ragged", min_size=2)
+    assert g.skipped_by_module[("answer", "too_small")] == 1 and not g.skipped_by_module[("answer", "errors")]
+
+
+def test_batch_denominator_weights_every_grouped_call_and_informative_only_the_trained():
+    # ex: two trajectories whose rewards differ (query and answer groups informative); ex2: equal rewards
+    a = traj(0, 1.0, ["query", "answer"])
+    b = traj(1, 0.0, ["query", "answer"])
+    c = traj(0, 0.5, ["answer"])
+    c.example_id, d = "ex2", traj(1, 0.5, ["answer"])
+    d.example_id = "ex2"
+    g = group_calls({"ex": [a, b], "ex2": [c, d]}, "truncate")
+    assert len(g.groups) == 2 and len(g.candidates) == 3 and g.skipped["equal_rewards"] == 1  # ex2: no signal
+    assign_weights(g, per_trajectory=True, denominator="informative")
+    assert sorted(m.weight for m in g.members) == [0.5] * 4 and len(g.sampled) == 6
+    assign_weights(g, per_trajectory=True, denominator="batch")
+    assert sum(m.weight for m in g.sampled) == pytest.approx(4.0)  # one unit per sampled trajectory
+    assign_weights(g, per_trajectory=False, denominator="batch")
+    assert [m.weight for m in g.sampled] == [1.0] * 6
+    with pytest.raises(ValueError, match="unknown loss denominator"):
+        assign_weights(g, denominator="some")
+
+
+def test_per_trajectory_off_gives_every_call_weight_one(trajs):
+    g = group_calls({"ex": trajs}, "ragged")
+    assign_weights(g, per_trajectory=True)
+    assert any(m.weight != 1.0 for m in g.members)
+    assign_weights(g, per_trajectory=False)
+    assert all(m.weight == 1.0 for m in g.members)

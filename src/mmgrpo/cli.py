@@ -45,6 +45,7 @@ def cmd_eval(args) -> int:
             examples, name = read_jsonl(path, program_inputs(res.program)), info.get("program")
         examples = examples[: args.limit] if args.limit else examples
         program, lm, metric, model = res.program, res.backend, res.metric, f"{info['model']} + {args.run}"
+        budget = args.max_tokens or res.max_tokens
         if metric is None:
             raise ValueError("this result names no importable metric; evaluate it from Python with a metric")
     else:
@@ -56,10 +57,13 @@ def cmd_eval(args) -> int:
         examples = task.split(args.split)[: args.limit] if args.limit else task.split(args.split)
         lm = HFBackend.load(args.model, device=args.device, dtype=args.dtype)
         program, metric, name, model = task.make_program(), task.metric, args.task, args.model
-    res = evaluate(program, examples, metric, lm, concurrency=args.concurrency, desc=f"eval {name}")
+        budget = args.max_tokens
+    res = evaluate(program, examples, metric, lm, concurrency=args.concurrency, max_tokens=budget,
+                   desc=f"eval {name}")
     run = RunDir.new(args.out, "eval")
     run.write_json("results.json", {"task": name, "split": args.split, "model": model, "run": args.run,
                                     "mean": res.mean, "ci95": res.ci95, "n": res.n, "counts": res.counts,
+                                    "max_tokens": res.max_tokens,
                                     "seconds": time.time() - t0, "scores": res.scores,
                                     "ids": [e.id for e in examples]})
     print(format_table([(name, args.split, f"{res.mean:.3f}", pm(res.ci95), res.n, res.counts["ok"],
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples only")
     e.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or Hugging Face id")
     e.add_argument("--concurrency", type=int, default=16)
+    e.add_argument("--max-tokens", dest="max_tokens", type=int, default=None,
+                   help="completion budget of each LM call (default: a result's training budget, else 256)")
     e.add_argument("--n-labels", dest="n_labels", type=int, default=None, help="banking77: narrow the label set")
     e.add_argument("--n-demos", dest="n_demos", type=int, default=None, help="banking77: labelled demos in the prompt")
     e.add_argument("--no-reasoning", action="store_true", help="banking77: label only, no reasoning field")

@@ -107,20 +107,21 @@ def run_arm(cfg: TrainConfig, root: Path, name: str, strategy: str, test_limit: 
         reused.append(f"dev: step {chosen} of the dev log")
     else:
         res = evaluate(program, job.dev, task.metric, lm, concurrency=cfg.concurrency, seed=cfg.seed,
-                       progress=cfg.progress, desc=f"{name}: dev")
+                       max_tokens=cfg.eval_tokens, progress=cfg.progress, desc=f"{name}: dev")
         dev = {"dev": res.mean, "dev_ci95": res.ci95, "dev_n": res.n, "dev_counts": res.counts}
     if chosen == 0 and start and start["test_ids"] == test_ids:
         test = {k: start[k] for k in ("test", "test_ci95", "test_n", "test_counts", "test_scores")}
         reused.append(f"test: {STARTS_FROM[name]} (dev kept the start)")
     else:
         res = evaluate(program, test_set, task.metric, lm, concurrency=cfg.concurrency, seed=cfg.seed,
-                       progress=cfg.progress, desc=f"{name}: test")
+                       max_tokens=cfg.eval_tokens, progress=cfg.progress, desc=f"{name}: test")
         test = {"test": res.mean, "test_ci95": res.ci95, "test_n": res.n, "test_counts": res.counts,
                 "test_scores": res.scores}
     cost = _cost(lm, t0)
     if reused_search:
         cost = {k: cost[k] + reused_search[k] for k in cost}
     rec = {"arm": name, "strategy": strategy or "baseline", **test, "test_ids": test_ids,
+           "eval_max_tokens": cfg.eval_tokens,
            **dev, "dev_ids": dev_ids,
            **cost, "optimize_cost": optimize_cost, "includes_reused_search": bool(reused_search),
            "reused_scores": reused, "resumed": resumed, "prompts": program.prompt_state()}
@@ -202,7 +203,9 @@ def _open(cfg: TrainConfig, root, test_limit, arms, seeds: int) -> RunDir:
 
 
 def _finish(run: RunDir, cfg: TrainConfig, rows: dict[str, dict], table: str, notes: list[str], png) -> dict:
+    notes = [*notes, f"dev and test: greedy, at most {cfg.eval_tokens} tokens an LM call (run.eval_max_tokens)"]
     summary = {"task": cfg.task, "model": cfg.model, "folder": str(run.path), "plot": str(png), "table": table,
+               "eval_max_tokens": cfg.eval_tokens,
                "notes": notes, "arms": {k: {x: v for x, v in r.items() if x != "prompts"}
                                         for k, r in rows.items()}}
     write_json(run.path / "results.json", summary)

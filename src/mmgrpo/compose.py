@@ -101,9 +101,10 @@ def result_of(job: MMGRPO, scores: dict | None = None):
             "task": None if custom else cfg.task, "task_options": {} if custom else cfg.task_options,
             "program": cfg.program or (spec_of(job.program) if custom else None),
             "metric": cfg.metric or (spec_of(task.metric) if custom else None), "task_settings": task.settings,
-            "metric_style": "dspy" if getattr(task.metric, "dspy_metric", None) else "mmgrpo"}
+            "metric_style": "dspy" if getattr(task.metric, "dspy_metric", None) else "mmgrpo",
+            "eval_max_tokens": cfg.eval_tokens}
     return OptimizedProgram(job.program, job.backend, job.trainer.model if job.trained else None, info,
-                            task.metric)
+                            task.metric, max_tokens=cfg.eval_tokens)
 
 
 def run(cfg: TrainConfig, resume: str | None = None, job: MMGRPO | None = None) -> dict:

@@ -132,7 +132,8 @@ class Module:
         call = trace.record(trace.ModuleCall(
             module=self.name, index=0, prompt_ids=out.prompt_ids, completion_ids=out.token_ids,
             logprobs=out.logprobs, text=out.text, prompt_version=self.version(), messages=messages,
-            inputs=dict(inputs), policy_version=getattr(lm, "version", 0), temperature=params.temperature))
+            inputs=dict(inputs), policy_version=getattr(lm, "version", 0), temperature=params.temperature,
+            finish_reason=out.finish_reason))
         fields = self.parse(out.text)
         call.outputs = fields
         return Prediction(fields)

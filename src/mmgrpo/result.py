@@ -129,7 +129,8 @@ def load(folder: str | Path, program: Program | None = None, device: str = "auto
         from .tasks import get_task
 
         metric = get_task(info["task"], **info.get("task_options", {})).metric
-    return OptimizedProgram(prog, backend, peft_model, info, metric)
+    # scored at the budget it was trained at (a result saved before this was recorded: 256, as then)
+    return OptimizedProgram(prog, backend, peft_model, info, metric, max_tokens=info.get("eval_max_tokens", 256))
 
 
 def export(folder: str | Path, out: str | Path, merged: bool = False) -> Path:

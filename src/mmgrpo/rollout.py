@@ -54,7 +54,21 @@ class RolloutResult:
 def is_outage(t: Trajectory) -> bool:
     """A run stopped by an LM server that stayed unreachable (lm.openai.LMUnavailable), in the
     program or in its metric: not the policy's doing, so never scored as a bad answer."""
-    return t.status == ERROR and t.error.startswith(("LMUnavailable:", "metric failed: LMUnavailable:"))
+    return t.status == ERROR and t.outage
+
+
+def caused_by_outage(exc: BaseException) -> bool:
+    """Whether LMUnavailable is ``exc`` or in its chain (__cause__ / __context__): user or DSPy code
+    that wraps the outage in an exception of its own still stopped on an outage."""
+    from .lm.openai import LMUnavailable
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LMUnavailable):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def trajectory_seed(seed: int, example_id: str, sample_index: int) -> int:
@@ -73,7 +87,7 @@ def run_one(program: Program, example: Example, metric: Metric, traj: Trajectory
             traj.status, traj.error, traj.reward = PARSE_FAILURE, str(exc), format_failure_score
             return traj
         except Exception as exc:  # noqa: BLE001 - a failed rollout is data, not a crash
-            traj.status, traj.reward = ERROR, failure_score
+            traj.status, traj.reward, traj.outage = ERROR, failure_score, caused_by_outage(exc)
             traj.error = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc(limit=3)
             return traj
     try:
@@ -82,7 +96,7 @@ def run_one(program: Program, example: Example, metric: Metric, traj: Trajectory
             raise ValueError(f"metric returned {score}")
         traj.reward = score
     except Exception as exc:  # noqa: BLE001
-        traj.status, traj.reward = ERROR, failure_score
+        traj.status, traj.reward, traj.outage = ERROR, failure_score, caused_by_outage(exc)
         traj.error = f"metric failed: {type(exc).__name__}: {exc}"
     return traj
 
@@ -148,6 +162,12 @@ class EvalResult:
     seconds: float
     scores: list[float]
     outages: int = 0  # runs stopped by an unreachable LM server (scored failure_score here)
+    max_tokens: int = 0  # the completion budget of every LM call (a module's own cap may lower it)
+
+    @property
+    def errors(self) -> int:
+        """Runs that raised an error other than a parse failure: scored 0, and said so."""
+        return self.counts.get(ERROR, 0)
 
     def __str__(self) -> str:
         return f"{self.mean:.3f} ± {self.ci95:.3f} (95% CI, n={self.n})"
@@ -164,14 +184,20 @@ def mean_ci(xs: Sequence[float]) -> tuple[float, float]:
     return m, 1.96 * math.sqrt(var / n)
 
 
+EVAL_MAX_TOKENS = 256  # evaluate()'s budget when no training budget is given (mmgrpo eval without a run)
+
+
 def evaluate(program: Program, examples: Sequence[Example], metric: Metric, lm: LM, *, concurrency: int = 8,
              max_tokens: int | None = None, seed: int = 0, progress: bool | None = None,
              desc: str = "eval") -> EvalResult:
-    """Greedy decoding, one run per example; a failed run scores 0."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens or 256)
+    """Greedy decoding, one run per example, at ``max_tokens`` a call (a training run passes its own
+    budget, so that dev and test are scored as the policy was trained); a failed run scores 0 and
+    is counted (``errors``)."""
+    budget = max_tokens or EVAL_MAX_TOKENS
+    params = SamplingParams(temperature=0.0, max_tokens=budget)
     res = sample(program, examples, metric, lm, n_samples=1, params=params, concurrency=concurrency, seed=seed,
                  format_failure_score=0.0, failure_score=0.0, progress=progress, desc=desc)
     scores = res.rewards
     m, ci = mean_ci(scores)
     return EvalResult(mean=m, ci95=ci, n=len(scores), counts=res.counts, seconds=res.seconds, scores=scores,
-                      outages=len(res.outages))
+                      outages=len(res.outages), max_tokens=budget)

@@ -29,6 +29,7 @@ class ModuleCall:
     outputs: dict[str, Any] | None = None  # None when the reply did not parse
     policy_version: int = 0
     temperature: float = 1.0  # of the sampler; the learner divides its logits by it (0: greedy)
+    finish_reason: str = "stop"  # "length": cut at the token budget (counted; [grpo] mask_truncated)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Trajectory:
     reward: float = 0.0
     status: str = OK
     error: str = ""
+    outage: bool = False  # an error caused by an LM server that stayed unreachable (lm.openai.LMUnavailable)
 
     def calls_of(self, module: str) -> list[ModuleCall]:
         return [c for c in self.calls if c.module == module]

@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models import DTYPES
+from .groups import DENOMINATORS, LEVELS, MODES
+from .loss import LOSSES
+
+TIS_CAP = 2.0  # tis_cap = "auto": the cap where sampler and learner differ (TRL's vllm_importance_sampling_cap)
+SCHEDULES = ("constant", "linear", "cosine")
+KERNELS = ("packed", "cache")
+PROMPT_OPTIMIZERS = ("bootstrap", "mipro", "gepa")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 @dataclass
 class TrainConfig:
@@ -87,7 +96,10 @@ class TrainConfig:
     """The model name sent to `proposer_url` (its API key is read from OPENAI_API_KEY)."""
     train_with_demos: bool = True
     """weights: the update sees exactly the prompts used in rollouts (true), or each module's
-    instruction and input without its demos (false; the reference implementation's option)."""
+    instruction and input without its demos (false; the reference implementation's option). With
+    false the update's prompts were never sampled: the tokens are weighted by truncated importance
+    sampling, min(p(token | prompt without demos) / p_sampler(token | prompt with demos), cap), which
+    `tis_cap = "auto"` then turns on."""
     seed: int = 0
     """Seeds data order, sampling and initialisation: on CPU the same seed gives the same run."""
 
@@ -170,7 +182,21 @@ class TrainConfig:
 
     # --- objective ---------------------------------------------------------------------
     loss_type: str = "grpo"
-    """grpo (per-sequence mean), dapo (token mean over the batch), dr_grpo (fixed length)."""
+    """The policy loss (grpo/loss.py's registry): grpo (clipped ratio, each sequence's token mean,
+    averaged over sequences), dapo (clipped ratio, one token mean over the batch), dr_grpo (clipped
+    ratio, a fixed length: no length bias), gspo (one clipped ratio per sequence, the geometric mean of
+    its tokens'), cispo (clipped importance weights held constant, every token keeps its gradient;
+    token mean)."""
+    loss_denominator: str = "batch"
+    """What the loss normalizes over: "batch" (every sampled completion counts, the ones in groups
+    without signal included, as TRL and the paper's code do: a step's size does not depend on how many
+    groups had different rewards) or "informative" (only the trained ones: with 1 informative group of
+    8 each trained sequence weighs 8x more). Chosen on the demo over 3 seeds
+    (studies/demo_seeds.py --variants denom-batch denom-informative)."""
+    mask_truncated: bool = False
+    """Leave out of the update every completion cut at the token budget (finish_reason "length"),
+    as TRL's mask_truncated_completions; they still count in the "batch" denominator. Truncations
+    are counted per module (`truncated` in metrics.jsonl) either way."""
     epsilon: float = 0.2
     """Lower clipping range of the importance ratio."""
     epsilon_high: float | None = None
@@ -179,8 +205,12 @@ class TrainConfig:
     """KL coefficient to the reference (the base model with the adapter switched off)."""
     num_iterations: int = 1
     """Updates per batch of rollouts (mu). With 1, old log-probs are the detached current ones."""
-    tis_cap: float | None = None
-    """Truncated importance sampling: weight tokens by min(p_train/p_sampler, cap). None: off."""
+    tis_cap: float | str | None = "auto"
+    """Truncated importance sampling: weight each token's policy term (not the KL) by
+    min(p_learner / p_sampler, cap), correcting for tokens drawn by a sampler that differs from the
+    learner. "auto": cap 2.0 where they differ (rollout.servers set: another engine, often another
+    dtype; or train_with_demos = false), off in-process, where the sampler is the learner's own model;
+    a number >= 1: that cap always; "off": never."""
     mismatch_tolerance: float = 0.05
     """Mean |log p_train - log p_sampler| above which the step reports a train/inference mismatch."""
 
@@ -236,6 +266,10 @@ class TrainConfig:
     """Evaluate on the dev set every N steps (and before the first and after the last)."""
     eval_examples: int = 50
     """Dev examples per evaluation (the first N of the dev split)."""
+    eval_max_tokens: int | None = None
+    """Completion token budget of each LM call when scoring dev and test (greedy); unset = the
+    training budget, rollout.max_tokens (a module's own cap may lower either), so that the policy is
+    scored as it was trained. Recorded in dev.jsonl, result.json and compare's table."""
     checkpoint_every: int = 5
     """Write a resumable checkpoint every N steps (and at the end)."""
     keep_checkpoints: int = 2
@@ -260,32 +294,37 @@ class TrainConfig:
         need(self.temperature > 0, "temperature", "must be > 0 for rollouts")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.max_tokens >= 1, "max_tokens", "must be >= 1")
-        need(self.grouping in ("truncate", "fill", "ragged"), "grouping", "must be truncate, fill or ragged")
-        need(self.group_level in ("module", "trajectory"), "group_level", "must be module or trajectory")
-        need(self.loss_type in ("grpo", "dapo", "dr_grpo"), "loss_type", "must be grpo, dapo or dr_grpo")
+        need(self.grouping in MODES, "grouping", f"must be one of {', '.join(MODES)}")
+        need(self.group_level in LEVELS, "group_level", f"must be one of {', '.join(LEVELS)}")
+        need(self.loss_type in LOSSES, "loss_type", f"must be one of {', '.join(LOSSES)}")
+        need(self.loss_denominator in DENOMINATORS, "loss_denominator", f"must be one of {', '.join(DENOMINATORS)}")
+        need(self.tis_cap in ("auto", "off", None) or (not isinstance(self.tis_cap, str) and self.tis_cap >= 1),
+             "tis_cap", 'must be "auto", "off" or a number >= 1')
+        need(self.eval_max_tokens is None or self.eval_max_tokens >= 1, "eval_max_tokens",
+             "must be >= 1 (or unset: the training budget)")
         need(self.epsilon > 0, "epsilon", "must be > 0")
         need(self.beta >= 0, "beta", "must be >= 0")
         need(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
-        need(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "must be constant, linear or cosine")
+        need(self.lr_schedule in SCHEDULES, "lr_schedule", f"must be one of {', '.join(SCHEDULES)}")
         need(self.token_budget >= 64, "token_budget", "must be >= 64")
         need(64 <= self.pack_tokens <= 8192, "pack_tokens", "must be between 64 and 8192")
         need(self.recompute_tokens >= 0, "recompute_tokens", "must be >= 0 (0 = recompute every micro-batch)")
         need(self.prefill_tokens >= 0, "prefill_tokens", "must be >= 0 (0 = bound prefill chunks by rows only)")
-        need(self.prefix_attention in ("packed", "cache"), "prefix_attention", "must be packed or cache")
+        need(self.prefix_attention in KERNELS, "prefix_attention", f"must be one of {', '.join(KERNELS)}")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(0 <= self.max_error_rate <= 1, "max_error_rate", "must be in [0, 1]")
-        need(self.train_with_demos or self.tis_cap is None, "tis_cap",
-             "needs train_with_demos = true (the sampler's log-probs are of the prompts with demos)")
-        need(self.prompt_optimizer in ("bootstrap", "mipro", "gepa"), "prompt_optimizer",
-             "must be bootstrap, mipro or gepa")
+        need(self.train_with_demos or self.tis is not None, "tis_cap",
+             "cannot be off with train_with_demos = false: the update's prompts (without demos) were never "
+             "sampled, and only the importance weights correct for that; use \"auto\" or a cap")
+        need(self.prompt_optimizer in PROMPT_OPTIMIZERS, "prompt_optimizer",
+             f"must be one of {', '.join(PROMPT_OPTIMIZERS)}")
         need(self.prompt_val_examples >= 0, "prompt_val_examples", "must be >= 0 (0 = search on dev)")
         for key in ("prompt_candidates", "prompt_instructions", "prompt_trials", "prompt_minibatch", "prompt_top_k",
                     "gepa_metric_calls"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-             "must be auto, float32, bfloat16 or float16")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
         need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
              "device", "must be auto, cpu, cuda or cuda:N")
         if self.program:
@@ -293,10 +332,22 @@ class TrainConfig:
             need(bool(self.train_data and self.dev_data), "train_data", "and dev_data are needed with `program`")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         need(self.workers >= 0, "workers", "must be >= 0")
-        need(all(t in ("tensorboard", "wandb", "mlflow") for t in self.report_to), "report_to",
-             "must list trackers among tensorboard, wandb, mlflow")
+        need(all(t in TRACKERS for t in self.report_to), "report_to",
+             f"must list trackers among {', '.join(TRACKERS)}")
         need(not self.workers or bool(self.servers), "workers",
              "needs rollout.servers: workers call the policy through inference servers (vLLM or mmgrpo serve)")
+
+    @property
+    def tis(self) -> float | None:
+        """The importance-sampling cap in force (None: off), tis_cap = "auto" resolved."""
+        if self.tis_cap == "auto":
+            return TIS_CAP if (self.servers or not self.train_with_demos) else None
+        return None if self.tis_cap in ("off", None) else float(self.tis_cap)
+
+    @property
+    def eval_tokens(self) -> int:
+        """The budget dev and test are scored at."""
+        return self.eval_max_tokens or self.max_tokens
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -306,9 +357,14 @@ class TrainConfig:
         return json.loads(json.dumps(self.to_dict()))
 
 
+# keys added since whose default is not what a run saved before them ran with
+BEFORE_KEY = {"loss_denominator": "informative", "eval_max_tokens": 256, "tis_cap": None}
+
+
 def with_defaults(saved: dict) -> dict:
-    """A saved config with each key added to mmgrpo since at its default: the run ran without it."""
-    return {**TrainConfig().to_json(), **saved}
+    """A saved config with each key added to mmgrpo since: at the value the run ran with
+    (``BEFORE_KEY``), else at its default."""
+    return {**TrainConfig().to_json(), **{k: v for k, v in BEFORE_KEY.items() if k not in saved}, **saved}
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -342,6 +398,7 @@ SECTIONS: dict[str, dict[str, str]] = {
                                "request_backoff_s", "workers", "ray_address")},
     "grpo": {k: k for k in ("grouping", "group_level", "scale_rewards", "per_trajectory_norm", "loss_type", "epsilon",
                             "epsilon_high", "beta", "num_iterations", "tis_cap", "mismatch_tolerance",
+                            "loss_denominator", "mask_truncated",
                             "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "max_nonfinite_steps",
                             "shared_prefix", "prefix_attention", "pack_tokens", "token_budget", "recompute_tokens", "lora_r", "lora_alpha", "lora_dropout",
                             "lora_targets", "train_with_demos")},
@@ -352,7 +409,8 @@ SECTIONS: dict[str, dict[str, str]] = {
                 "trials": "prompt_trials", "minibatch": "prompt_minibatch", "top_k": "prompt_top_k",
                 "gepa_metric_calls": "gepa_metric_calls", "proposer_url": "proposer_url",
                 "proposer_model": "proposer_model"},
-    "run": {k: k for k in ("strategy", "seed", "steps", "eval_every", "eval_examples", "checkpoint_every",
+    "run": {k: k for k in ("strategy", "seed", "steps", "eval_every", "eval_examples", "eval_max_tokens",
+                           "checkpoint_every",
                            "keep_checkpoints", "out", "name", "progress", "report_to")},
 }
 WHERE = {f: (sec, key) for sec, keys in SECTIONS.items() for key, f in keys.items()}  # field -> (section, key)

@@ -16,6 +16,7 @@ from ..trace import ERROR, ModuleCall, Trajectory
 
 MODES = ("truncate", "fill", "ragged")
 LEVELS = ("module", "trajectory")
+DENOMINATORS = ("batch", "informative")  # what the loss normalizes over (see [grpo] loss_denominator)
 
 
 @dataclass
@@ -37,9 +38,14 @@ class Group:
 
 @dataclass
 class Grouping:
-    groups: list[Group] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)  # the informative groups: trained on
+    candidates: list[Group] = field(default_factory=list)  # every group formed, informative or not
     skipped: Counter = field(default_factory=Counter)  # reason -> number of groups
     skipped_by_module: Counter = field(default_factory=Counter)  # (module, reason) -> number of groups
+
+    def __post_init__(self):
+        if self.groups and not self.candidates:  # made by hand from informative groups alone
+            self.candidates = list(self.groups)
 
     def skip(self, module: str, reason: str, n: int = 1) -> None:
         self.skipped[reason] += n
@@ -48,6 +54,12 @@ class Grouping:
     @property
     def members(self) -> list[Member]:
         return [m for g in self.groups for m in g.members]
+
+    @property
+    def sampled(self) -> list[Member]:
+        """Every sampled call that formed a group, with or without signal: the batch a loss
+        normalizes over when every sampled completion counts (a zero advantage adds nothing else)."""
+        return [m for g in self.candidates for m in g.members]
 
     def counts(self) -> dict[str, int]:
         return {"groups_used": len(self.groups), "samples": len(self.members),
@@ -86,18 +98,22 @@ def group_calls(by_example: dict[str, Sequence[Trajectory]], mode: str = "trunca
     result = Grouping()
     for ex_id, all_trajs in by_example.items():
         trajs = [(ti, t) for ti, t in enumerate(all_trajs) if t.status != ERROR]
-        lost = len(trajs) < len(all_trajs)
+        failed = [t for t in all_trajs if t.status == ERROR]
         if level == "module":
             candidates = _module_groups(ex_id, trajs, mode, result)
         else:
             members = [Member(c, t.reward, ti) for ti, t in trajs for c in t.calls]
             candidates = [Group(ex_id, "*", -1, members)] if members else []
         if not candidates and all_trajs:
-            result.skip("*", "errors" if lost and not trajs else "no_calls")  # "*": no module was reached
+            result.skip("*", "errors" if failed and not trajs else "no_calls")  # "*": no module was reached
+        result.candidates.extend(candidates)
         for g in candidates:
             rewards = [m.reward for m in g.members]
-            if len({m.trajectory for m in g.members}) < min_size:
-                result.skip(g.module, "errors" if lost else "too_small")
+            size = len({m.trajectory for m in g.members})
+            if size < min_size:
+                # "errors" only when the failed rollouts had reached this call and would have made it big enough
+                reached = sum(1 for t in failed if (len(t.calls) > 0 if g.index < 0 else len(t.calls_of(g.module)) > g.index))
+                result.skip(g.module, "errors" if size + reached >= min_size else "too_small")
             elif max(rewards) - min(rewards) < 1e-12:
                 result.skip(g.module, "equal_rewards")
             else:
@@ -118,14 +134,20 @@ def compute_advantages(grouping: Grouping, scale_rewards: bool = True, eps: floa
             m.advantage = (m.reward - mean) / (std + eps) if scale_rewards else m.reward - mean
 
 
-def assign_weights(grouping: Grouping, per_trajectory: bool = True) -> None:
-    """With per_trajectory, each trajectory's members share a total weight of 1 per example,
-    so a trajectory with many calls does not outweigh one with few."""
+def assign_weights(grouping: Grouping, per_trajectory: bool = True, denominator: str = "informative") -> None:
+    """With per_trajectory, each trajectory's calls share a total weight of 1 per example, so a
+    trajectory with many calls does not outweigh one with few: its calls in informative groups
+    (denominator "informative"), or all its grouped calls (denominator "batch", where the calls
+    without signal count too)."""
+    if denominator not in DENOMINATORS:
+        raise ValueError(f"unknown loss denominator {denominator!r}; use one of {DENOMINATORS}")
+    pool = grouping.candidates if denominator == "batch" else grouping.groups
     if not per_trajectory:
-        for m in grouping.members:
-            m.weight = 1.0
+        for g in pool:
+            for m in g.members:
+                m.weight = 1.0
         return
-    count = Counter((g.example_id, m.trajectory) for g in grouping.groups for m in g.members)
-    for g in grouping.groups:
+    count = Counter((g.example_id, m.trajectory) for g in pool for m in g.members)
+    for g in pool:
         for m in g.members:
             m.weight = 1.0 / count[(g.example_id, m.trajectory)]

@@ -13,7 +13,7 @@ from ..lm.base import SamplingParams
 from ..lm.openai import LMUnavailable
 from ..program import Example
 from ..rollout import evaluate, sample, trajectory_seed
-from ..runlog import MANIFEST, RunDir, format_table, recover_dir, verify_manifest
+from ..runlog import MANIFEST, RunDir, format_table, publish_dir, recover_dir, verify_manifest
 from ..trace import ERROR
 from . import distributed
 from .config import TrainConfig, with_defaults
@@ -102,14 +102,18 @@ class MMGRPO:
             rec = {"step": step, **known, "eval_s": 0.0}
         else:
             res = evaluate(self.program, self.dev, self.task.metric, self.sampler, concurrency=self.cfg.concurrency,
-                           seed=self.cfg.seed, progress=self.cfg.progress, desc=f"{desc} (step {step})")
+                           max_tokens=self.cfg.eval_tokens, seed=self.cfg.seed, progress=self.cfg.progress,
+                           desc=f"{desc} (step {step})")
             if res.outages:
                 raise TrainingStopped(f"{desc} evaluation at step {step}: {res.outages} of {res.n} runs could not "
                                       f"reach an LM server; no dev score was recorded.")
+            if res.errors:
+                print(f"mmgrpo: {desc} evaluation at step {step}: {res.errors} of {res.n} runs failed with an error "
+                      f"and were scored {0.0} (dev_errors in dev.jsonl)", file=sys.stderr)
             rec = {"step": step, "dev": res.mean, "dev_ci95": res.ci95, "dev_n": res.n, "dev_counts": res.counts,
-                   "eval_s": res.seconds}
+                   "dev_errors": res.errors, "eval_max_tokens": res.max_tokens, "eval_s": res.seconds}
         self.run.log(rec, "dev.jsonl")
-        if rec["dev"] > self.best["dev"]:
+        if rec["dev"] > self.best["dev"]:  # kept in the next checkpoint too, so a resume finds the one it names
             self.best = {"dev": rec["dev"], "step": step}
             self.trainer.save_adapter(self.run.path / "best_adapter")
         return rec
@@ -142,7 +146,7 @@ class MMGRPO:
                 f"{first}. Fix the cause (a server down? a crashing metric?) and resume the run.")
         grouping = group_calls(roll.by_example(), cfg.grouping, cfg.group_level)
         compute_advantages(grouping, cfg.scale_rewards)
-        assign_weights(grouping, cfg.per_trajectory_norm)
+        assign_weights(grouping, cfg.per_trajectory_norm, cfg.loss_denominator)
         distributed.broadcast(grouping)  # data-parallel: every rank updates on its share of it
         upd = self.trainer.update(grouping) if grouping.groups else {"updated": False}
         self.nonfinite = self.nonfinite + 1 if upd.get("nonfinite_skipped") else 0 if upd["updated"] else self.nonfinite
@@ -157,10 +161,11 @@ class MMGRPO:
         rewards = [t.reward for t in roll.trajectories if t.status != ERROR] or [0.0]
         mean = sum(rewards) / len(rewards)
         modules = module_stats(roll.trajectories, grouping, upd.pop("modules_update", None))
+        truncated = sum(1 for t in roll.trajectories for c in t.calls if c.finish_reason == "length")
         return {"step": step, "reward_mean": mean,
                 "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
                 **{f"n_{k}": v for k, v in roll.counts.items()}, **grouping.counts(),
-                "lm_calls": roll.lm_calls, "completion_tokens": roll.completion_tokens,
+                "lm_calls": roll.lm_calls, "completion_tokens": roll.completion_tokens, "truncated": truncated,
                 "policy_versions": versions, "rollout_s": roll.seconds, "entropy": sampled_entropy(roll.trajectories),
                 **upd, "modules": modules}
 
@@ -168,7 +173,8 @@ class MMGRPO:
         ck = self.run.path / "checkpoints"
         name = f"step-{step:06d}"
         try:
-            self.trainer.save(ck / name, {"best": self.best})
+            self.trainer.save(ck / name, {"best": self.best, "nonfinite": self.nonfinite},
+                              best_adapter=self.run.path / "best_adapter")
             write_latest(self.run.path, name)
         except OSError as exc:  # a full or failing disk: what was saved before stays intact
             prev = (ck / "latest").read_text().strip() if (ck / "latest").exists() else "none"
@@ -190,10 +196,23 @@ class MMGRPO:
         name = self.intact_checkpoint(latest.read_text().strip())
         state = self.trainer.load(self.run.path / "checkpoints" / name)
         self.best = state["best"]
+        self.nonfinite = state.get("nonfinite", 0)
+        self._restore_best(self.run.path / "checkpoints" / name / "best_adapter")
         self.run.truncate_log(state["step"])
         self.run.truncate_log(state["step"], "dev.jsonl")
         return state["step"]
 
+
+    def _restore_best(self, saved: Path) -> None:
+        """best_adapter/ as the checkpoint knew it: an evaluation after the checkpoint may have
+        written a newer one that the restored state does not name."""
+        best = self.run.path / "best_adapter"
+        if not saved.is_dir():  # a checkpoint written before best adapters were part of it: keep what is there
+            return
+        tmp = best.with_name(f".{best.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(saved, tmp)
+        publish_dir(tmp, best)
 
     def intact_checkpoint(self, latest: str) -> str:
         """``latest``, or the newest earlier checkpoint whose files match its manifest (a damaged
@@ -358,7 +377,7 @@ def _loop(job: MMGRPO, start: int, trackers) -> dict:
                "baseline_ci95": first["dev_ci95"] if first else None,
                "final_dev": devs[-1]["dev"] if devs else None, "final_ci95": devs[-1]["dev_ci95"] if devs else None,
                "dev_n": devs[-1]["dev_n"] if devs else 0, "best_dev": job.best["dev"], "best_step": job.best["step"],
-               "steps": cfg.steps}
+               "eval_max_tokens": cfg.eval_tokens, "steps": cfg.steps}
     job.run.write_json("summary.json", summary)
     return summary
 

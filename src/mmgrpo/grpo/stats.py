@@ -16,7 +16,7 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 def module_stats(trajectories: Sequence[Trajectory], grouping: Grouping,
                  update: dict[str, dict] | None = None) -> dict[str, dict]:
-    """For each module: calls and completion tokens sampled, parse failures (the module whose reply
+    """For each module: calls and completion tokens sampled, calls cut at the token budget, parse failures (the module whose reply
     did not parse), groups used and skipped by reason, mean reward of the trajectories behind its
     calls, mean and mean |advantage| of its trained calls, the sampled tokens' mean negative log-prob
     (an estimate of the sampling entropy), and from the update its tokens, clip fraction and KL."""
@@ -30,6 +30,7 @@ def module_stats(trajectories: Sequence[Trajectory], grouping: Grouping,
         out[mod] = {
             "calls": len(calls),
             "completion_tokens": sum(len(c.completion_ids) for _, c in calls),
+            "truncated": sum(1 for _, c in calls if c.finish_reason == "length"),  # cut at the token budget
             "parse_failures": sum(1 for t in trajectories if t.status == PARSE_FAILURE and t.calls
                                   and t.calls[-1].module == mod),
             "reward_mean": _mean([t.reward for t, _ in calls if t.status != ERROR]),

@@ -23,7 +23,7 @@ from ..runlog import atomic_write, publish_dir, write_json, write_manifest
 from . import distributed
 from .config import TrainConfig
 from .groups import Grouping
-from .loss import grpo_loss, sequence_coefficients, token_logprobs
+from .loss import grpo_loss, normalizer_total, sequence_coefficients, token_logprobs
 from .packing import pack, plan_packed, segments, unpack
 
 
@@ -33,6 +33,20 @@ def update_prompt(call, tokenize_chat, with_demos: bool) -> list[int]:
     if with_demos or len(call.messages) < 4:
         return call.prompt_ids
     return tokenize_chat([call.messages[0], call.messages[-1]])
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout in the policy (as TRL's disable_dropout): in training mode it would put noise into
+    the log-probs, so the ratio to the sampler's would not be 1 at the first iteration. LoRA's own
+    dropout (grpo.lora_dropout, added later) is the user's choice."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        if isinstance(getattr(mod, "attention_dropout", None), float):  # the attention kernels' own
+            mod.attention_dropout = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -55,6 +69,7 @@ class Trainer:
 
         self.backend, self.cfg = backend, cfg
         torch.manual_seed(cfg.seed)
+        disable_dropout(backend.model)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
         with backend.lock:
@@ -246,8 +261,18 @@ class Trainer:
             return {"updated": False}
         t0 = time.perf_counter()
         dev = self.backend.device
-        lengths = [len(m.call.completion_ids) for m in members]
-        coefs = sequence_coefficients(lengths, [m.weight for m in members], cfg.loss_type, max_len=cfg.max_tokens)
+        pool = grouping.sampled if cfg.loss_denominator == "batch" else members
+        total = normalizer_total([len(m.call.completion_ids) for m in pool], [m.weight for m in pool], cfg.loss_type)
+        coefs = sequence_coefficients([len(m.call.completion_ids) for m in members], [m.weight for m in members],
+                                      cfg.loss_type, max_len=cfg.max_tokens, total=total)
+        masked = 0
+        if cfg.mask_truncated:  # out of the update, still in the denominator
+            keep = [i for i, m in enumerate(members) if m.call.finish_reason != "length"]
+            masked = len(members) - len(keep)
+            members, coefs = [members[i] for i in keep], [coefs[i] for i in keep]
+            if not members:
+                return {"updated": False, "truncated_masked": masked}
+        tis_cap = cfg.tis
         all_seqs = [(update_prompt(m.call, self.backend.tokenize_chat, cfg.train_with_demos), m.call.completion_ids)
                     for m in members]
         temps = [m.call.temperature for m in members]
@@ -255,18 +280,20 @@ class Trainer:
         mine = distributed.share(batches)  # all of them in a single process
         old: dict[int, torch.Tensor] = {}
         stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0,
-                 "ratio_dev": 0.0, "tis_sum": 0.0, "pg_loss": 0.0, "kl_loss": 0.0}
+                 "ratio_dev": 0.0, "tis_sum": 0.0, "tis_capped": 0.0, "pg_loss": 0.0, "kl_loss": 0.0}
         modules = sorted({m.call.module for m in members})  # the same list on every rank
         per_module = torch.zeros(len(modules), 3, dtype=torch.float64)  # tokens, clipped, KL sum
         self.model.train()
         nonfinite = False
+        ref_cache: dict[int, torch.Tensor] = {}  # reference log-probs by micro-batch: the same every iteration
+        snapshot = self._snapshot() if cfg.num_iterations > 1 else None  # a later iteration may be non-finite
         with self.backend.lock:
             bar = tqdm(total=len(mine) * cfg.num_iterations, desc="update micro-batches", leave=False,
                        disable=not (cfg.progress and distributed.rank() == 0))
             for it in range(cfg.num_iterations):
                 self.opt.zero_grad(set_to_none=True)
                 it_loss = 0.0
-                for mb in mine:
+                for b, mb in enumerate(mine):
                     bar.update(1)
                     seqs = [all_seqs[i] for i in mb]
                     logp, mask = self.logprobs(seqs, [temps[i] for i in mb])
@@ -284,14 +311,16 @@ class Trainer:
                     old_lp = torch.stack([old[i] for i in mb])
                     ref = None
                     if cfg.beta:
-                        with torch.no_grad(), self.model.disable_adapter():
-                            ref, _ = self.logprobs(seqs, [temps[i] for i in mb])
+                        if b not in ref_cache:
+                            with torch.no_grad(), self.model.disable_adapter():
+                                ref_cache[b] = self.logprobs(seqs, [temps[i] for i in mb])[0]
+                        ref = ref_cache[b]
                     isw = None
-                    if cfg.tis_cap is not None:
-                        isw = torch.clamp(torch.exp(old_lp - sampler), max=cfg.tis_cap).detach()
+                    if tis_cap is not None:
+                        isw = torch.clamp(torch.exp(old_lp - sampler), max=tis_cap).detach()
                     out = grpo_loss(logp, old_lp, torch.tensor([members[i].advantage for i in mb], device=dev),
                                     mask, torch.tensor([coefs[i] for i in mb], device=dev), cfg.epsilon,
-                                    cfg.epsilon_high, cfg.beta, ref, isw)
+                                    cfg.epsilon_high, cfg.beta, ref, isw, loss_type=cfg.loss_type)
                     out.loss.backward()
                     it_loss += float(out.loss.detach())
                     if it == cfg.num_iterations - 1:
@@ -306,11 +335,14 @@ class Trainer:
                         stats["ratio_dev"] += float(((logp.detach() - old_lp).exp() - 1).abs().mul(mask).sum())
                         if isw is not None:
                             stats["tis_sum"] += float((isw * mask).sum())
+                            stats["tis_capped"] += float(((isw >= tis_cap) & mask.bool()).sum())
                 distributed.sum_grads(self.params)
                 it_loss = distributed.sum_values([it_loss], dev)[0]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
                 if not (math.isfinite(grad_norm) and math.isfinite(it_loss)):  # skip: the weights stay as they are
                     self.opt.zero_grad(set_to_none=True)
+                    if it > 0:  # earlier iterations stepped: back to the weights and optimizer state before them
+                        self._restore(snapshot)
                     nonfinite = True
                     break
                 self.opt.step()
@@ -334,11 +366,26 @@ class Trainer:
                 "modules_update": by_module, "clip_frac": stats["clipped"] / n_tok,
                 "kl": stats["kl"] / n_tok, "grad_norm": grad_norm, "lr": self.sched.get_last_lr()[0],
                 "ratio_dev": stats["ratio_dev"] / n_tok,
-                **({"tis_weight_mean": stats["tis_sum"] / n_tok} if cfg.tis_cap is not None else {}),
+                **({"tis_weight_mean": stats["tis_sum"] / n_tok, "tis_capped_frac": stats["tis_capped"] / n_tok}
+                   if tis_cap is not None else {}),
+                **({"truncated_masked": masked} if cfg.mask_truncated else {}),
                 "train_tokens": int(stats["tokens"]), "micro_batches": len(batches),
                 "mismatch_mean": mismatch, "mismatch_max": stats["mismatch_max"],
                 "mismatch_warning": cfg.train_with_demos and mismatch > cfg.mismatch_tolerance,
                 "update_s": time.perf_counter() - t0}
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
+        """The trainable weights and the optimizer state, copied (the LoRA parameters: small)."""
+        import copy
+
+        return [p.detach().clone() for p in self.params], copy.deepcopy(self.opt.state_dict())
+
+    def _restore(self, snapshot: tuple[list[torch.Tensor], dict]) -> None:
+        params, opt = snapshot
+        with torch.no_grad():
+            for p, saved in zip(self.params, params):
+                p.copy_(saved)
+        self.opt.load_state_dict(opt)
 
     def finish_step(self) -> None:
         """Close a loop step: the schedule and the step count follow loop steps, so a step whose
@@ -350,25 +397,27 @@ class Trainer:
         self.step += 1
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save(self, folder: str | Path, extra: dict) -> Path:
-        """Adapter (PEFT safetensors) + optimizer + scheduler + RNG + extra state + a manifest of
-        their hashes, atomically."""
+    def save(self, folder: str | Path, extra: dict, best_adapter: Path | None = None) -> Path:
+        """Adapter (PEFT safetensors) + optimizer + scheduler + RNG + extra state (+ a copy of the
+        best adapter so far) + a manifest of their hashes, atomically."""
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self._write(tmp, extra)
+            self._write(tmp, extra, best_adapter)
             publish_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing half-done behind
             raise
         return folder
 
-    def _write(self, tmp: Path, extra: dict) -> None:
+    def _write(self, tmp: Path, extra: dict, best_adapter: Path | None) -> None:
         from safetensors.torch import save_file
 
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
+        if best_adapter is not None and best_adapter.is_dir():
+            shutil.copytree(best_adapter, tmp / "best_adapter")
         opt = self.opt.state_dict()
         tensors, scalars = {}, {}
         for idx, st in opt["state"].items():
@@ -378,6 +427,9 @@ class Trainer:
                 else:
                     scalars[f"{idx}.{k}"] = v
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i, st in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = st
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {"step": self.step, "param_groups": opt["param_groups"], "opt_scalars": scalars,
                  "scheduler": self.sched.state_dict(), "rng_python": random.getstate(), **extra}
@@ -392,6 +444,10 @@ class Trainer:
         self.load_adapter(folder)
         tensors = load_file(str(folder / "optimizer.safetensors"))
         torch.set_rng_state(tensors.pop("rng.torch"))
+        cuda = [tensors.pop(k) for k in sorted((k for k in list(tensors) if k.startswith("rng.cuda.")),
+                                               key=lambda k: int(k.rsplit(".", 1)[1]))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
         opt_state: dict = {}
         for key, v in tensors.items():
             idx, name = key.split(".", 1)

@@ -61,7 +61,7 @@ class PolicyEngine:
         trace.record(ModuleCall(module=name, index=0, prompt_ids=out.prompt_ids, completion_ids=out.token_ids,
                                 logprobs=out.logprobs, text=out.text, prompt_version=self.program.version(name),
                                 messages=messages, policy_version=getattr(lm, "version", 0),
-                                temperature=params.temperature))
+                                temperature=params.temperature, finish_reason=out.finish_reason))
         return Response(id=None, model="mmgrpo", message=Message.assistant([TextPart(out.text)]),
                         finish_reason="length" if out.finish_reason == "length" else "stop",
                         usage=Usage(input_tokens=len(out.prompt_ids), output_tokens=len(out.token_ids),
