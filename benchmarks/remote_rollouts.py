@@ -35,7 +35,7 @@ def start_server() -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "serve", "--port", str(port), "--device", "cpu",
-                             "--dtype", "float32"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--dtype", "float32", "--adapter-root", tempfile.gettempdir()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(360):
         try:

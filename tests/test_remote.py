@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -97,20 +98,30 @@ def fake_vllm():
     srv.shutdown()
 
 
-def test_requests_are_spread_over_several_servers_and_pushes_reach_all(fake_vllm, lm, tmp_path):
+def test_prompts_are_spread_over_several_servers_and_pushes_reach_all_or_none(fake_vllm, lm, tmp_path):
     other = start_fake()
     try:
         urls = [fake_vllm, f"http://127.0.0.1:{other.server_address[1]}/v1"]
-        pol = RemotePolicy(urls, lm.tokenizer)
+        pol = RemotePolicy(urls, lm.tokenizer, retries=0)
         FakeVLLM.ports.clear()
         for _ in range(6):
             pol.complete([5, 6], SamplingParams(max_tokens=2))
-        assert sorted(FakeVLLM.ports.count(p) for p in set(FakeVLLM.ports)) == [3, 3]
+        assert len(set(FakeVLLM.ports)) == 1  # the samples of one prompt share one server's prefix cache
+        FakeVLLM.ports.clear()
+        for k in range(40):
+            pol.complete([5, k], SamplingParams(max_tokens=2))
+        assert sorted(FakeVLLM.ports.count(p) for p in set(FakeVLLM.ports))[0] >= 8  # different prompts spread
         FakeVLLM.ports.clear()
         pol.push(tmp_path / "a", "v1", 1)
         assert len(set(FakeVLLM.ports)) == 2  # loaded on every server
     finally:
         other.shutdown()
+    FakeVLLM.seen.clear()
+    with pytest.raises(LMServerError):  # the second server is gone: the first unloads what it loaded
+        pol.push(tmp_path / "b", "v2", 2)
+    adapter_calls = [(p.rsplit("/", 1)[1], b["lora_name"]) for p, b in FakeVLLM.seen if p.endswith("_adapter")]
+    assert adapter_calls == [("load_lora_adapter", "v2"), ("unload_lora_adapter", "v2")]
+    assert pol.model == "v1" and pol.version == 1  # still sampling the version every server has
 
 
 def test_client_speaks_vllms_completions_and_adapter_api(fake_vllm, lm, tmp_path):
@@ -160,9 +171,10 @@ def test_client_speaks_vllms_completions_and_adapter_api(fake_vllm, lm, tmp_path
 
 # ---- mmgrpo serve speaks the same API ----
 @pytest.fixture(scope="module")
-def served():
+def served(tmp_path_factory):
     backend = HFBackend.load(deterministic=False)  # its own copy: adapters get loaded into it
-    srv = serve.start(backend, model_name="smollm2-135m")
+    srv = serve.start(backend, model_name="smollm2-135m",
+                      limits=serve.Limits(adapter_root=tmp_path_factory.getbasetemp()))
     yield backend, f"http://127.0.0.1:{srv.server_address[1]}/v1"
     srv.shutdown()
     backend.close()
@@ -230,7 +242,9 @@ def test_serve_loads_adapters_by_name_and_answers_with_them(served, tmp_path):
     params = SamplingParams(temperature=0.9, max_tokens=8, seed=4)
     assert post(url + "/load_lora_adapter", {"lora_name": "a1", "lora_path": str(tmp_path / "ad")}) == (
         200, "Success: LoRA adapter 'a1' added successfully.")
-    assert post(url + "/load_lora_adapter", {"lora_name": "a1", "lora_path": str(tmp_path / "ad")})[0] == 400
+    # a retried load (same name, same folder) succeeds again; the same name for another folder does not
+    assert post(url + "/load_lora_adapter", {"lora_name": "a1", "lora_path": str(tmp_path / "ad")})[0] == 200
+    assert post(url + "/load_lora_adapter", {"lora_name": "a1", "lora_path": str(tmp_path)})[0] == 400
     models = json.loads(urllib.request.urlopen(url + "/models").read())["data"]
     assert [(d["id"], d["parent"]) for d in models] == [("smollm2-135m", None), ("a1", "smollm2-135m")]
     pol = RemotePolicy(url, backend.tokenizer)
@@ -264,7 +278,7 @@ def free_port() -> int:
 def start_server(port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "serve", "--port", str(port), "--device", "cpu",
-                             "--dtype", "float32"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--dtype", "float32", "--adapter-root", tempfile.gettempdir()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline:
         try:

@@ -63,7 +63,7 @@ def main():
     url = f"http://127.0.0.1:{port}/v1"
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "serve", "--model", str(root / "model"),
-                             "--port", str(port)], env=env)
+                             "--port", str(port), "--adapter-root", str(root)], env=env)
     try:
         t0 = time.perf_counter()
         wait_up(url, proc)

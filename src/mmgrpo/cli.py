@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -132,17 +133,26 @@ def cmd_serve(args) -> int:
     from .lm.hf import HFBackend
     from .serve import start
 
+    from .serve import Limits
+
     prompts, name = None, args.model
     if args.run:
-        from .result import load
+        from .result import load, result_folder
 
         res = load(args.run, device=args.device, dtype=args.dtype)
         backend, prompts = res.backend, res.prompts
         backend.deterministic = False  # a server batches by arrival time
         name = args.name or res.info["model"]
+        root = args.adapter_root or result_folder(args.run).parent
     else:
         backend = HFBackend.load(args.model, device=args.device, dtype=args.dtype, deterministic=False)
-    srv = start(backend, args.host, args.port, model_name=name, prompts=prompts)
+        root = args.adapter_root or "."
+    backend.continuous = not args.no_continuous_batching  # a request arriving mid-batch joins at a freed slot
+    limits = Limits(api_key=args.api_key or os.environ.get("MMGRPO_API_KEY") or None, adapter_root=root,
+                    max_adapters=args.max_adapters, adapter_api=not args.no_adapter_api,
+                    prompts_api=not args.no_prompts_api, read_timeout_s=args.read_timeout,
+                    max_connections=args.max_connections, max_queued=args.max_queued)
+    srv = start(backend, args.host, args.port, model_name=name, prompts=prompts, limits=limits)
     print(f"serving {name}{' + ' + args.run if args.run else ''} at "
           f"http://{srv.server_address[0]}:{srv.server_address[1]}/v1 (Ctrl-C to stop)")
     try:
@@ -208,10 +218,30 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server over a model or a result (--run)")
     s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--run", default=None, help="serve a result: its adapter applied, its prompts at /v1/prompts")
+    s.add_argument("--run", default=None, help="serve a result: its adapter applied, its prompts at /v1/prompts. "
+                   "This imports and runs the program and metric code its result.json names: serve only results "
+                   "you trust")
     s.add_argument("--name", default=None, help="with --run: the model name to answer to")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", dest="api_key", default=None,
+                   help="ask every /v1 request for 'Authorization: Bearer KEY' (default: $MMGRPO_API_KEY; unset: open)")
+    s.add_argument("--adapter-root", dest="adapter_root", default=None,
+                   help="adapters load only from folders under this one (default: the working folder; with --run, "
+                        "the run folder)")
+    s.add_argument("--max-adapters", dest="max_adapters", type=int, default=8,
+                   help="adapters loaded at once; past it the least recently used idle one is unloaded")
+    s.add_argument("--no-adapter-api", dest="no_adapter_api", action="store_true",
+                   help="turn off /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    s.add_argument("--no-prompts-api", dest="no_prompts_api", action="store_true", help="turn off GET /v1/prompts")
+    s.add_argument("--read-timeout", dest="read_timeout", type=float, default=30.0,
+                   help="seconds a client may stay silent while sending (or idle) before it is disconnected")
+    s.add_argument("--max-connections", dest="max_connections", type=int, default=128,
+                   help="connections open at once; more are answered 429")
+    s.add_argument("--max-queued", dest="max_queued", type=int, default=512,
+                   help="generations waiting or running; more are answered 429")
+    s.add_argument("--no-continuous-batching", dest="no_continuous_batching", action="store_true",
+                   help="a batch waits for its longest row before new requests start")
     _device_args(s)
     s.set_defaults(fn=cmd_serve)
 

@@ -5,14 +5,20 @@ listed with their ``parent``); POST /v1/chat/completions; POST /v1/completions (
 ids or text, ``logprobs``, ``return_token_ids``, ``return_tokens_as_token_ids``, ``model`` = an
 adapter's name); POST /v1/load_lora_adapter and /v1/unload_lora_adapter; GET /v1/prompts (serving
 a result). Every request is checked before it reaches the batcher, so a bad one gets a 4xx and
-never fails its batch-mates. Bound to 127.0.0.1 unless told otherwise.
+never fails its batch-mates. Bound to 127.0.0.1 unless told otherwise; with an API key every /v1
+route asks for it (``Authorization: Bearer KEY``, as vLLM's ``--api-key``); adapters load only from
+under the adapter root; connections, queued generations and loaded adapters are bounded.
 """
 from __future__ import annotations
 
+import hmac
 import json
+import sys
 import threading
 import time
+import traceback
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,6 +26,20 @@ from .lm.base import SamplingParams
 
 MAX_BODY_BYTES = 8 << 20
 MAX_NEW_TOKENS = 4096
+
+
+@dataclass
+class Limits:
+    """What one server accepts; the CLI's flags of `mmgrpo serve`."""
+    api_key: str | None = None  # every /v1 route asks for it (Bearer); None: open (warned beyond loopback)
+    adapter_root: str | Path | None = None  # adapters load only from folders under it; None: the working folder
+    max_adapters: int = 8  # loaded at once; past it the least recently used idle one is unloaded
+    adapter_api: bool = True  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    prompts_api: bool = True  # GET /v1/prompts (a result's prompts: its demos may hold private data)
+    read_timeout_s: float = 30.0  # a client silent this long while sending (or idle) is disconnected
+    max_connections: int = 128  # open at once; more get 429 and are closed
+    max_queued: int = 512  # generations waiting or running; more get 429
+    unload_wait_s: float = 600.0  # how long an unload waits for the adapter's requests in flight
 
 
 class BadRequest(ValueError):
@@ -60,58 +80,145 @@ def _params(body: dict, default_max_tokens: int = 16) -> SamplingParams:
 
 
 class Server:
-    """The served state: the backend, the name it answers to, and the adapters loaded at run time."""
+    """The served state: the backend, the name it answers to, and the adapters loaded at run time,
+    with their requests in flight (an adapter is unloaded only once none is left)."""
 
-    def __init__(self, backend, model_name: str, prompts: dict | None = None):
+    def __init__(self, backend, model_name: str, prompts: dict | None = None, limits: Limits | None = None):
         self.backend, self.model_name, self.prompts = backend, model_name, prompts
+        self.limits = limits or Limits()
+        self.root = Path(self.limits.adapter_root or Path.cwd()).resolve()
         self.vocab = len(backend.tokenizer)
         self.max_prompt = int(getattr(backend.model.config, "max_position_embeddings", 8192) or 8192)
-        self.adapter_paths: dict[str, str] = {}
+        self.adapter_paths: dict[str, str] = {}  # loaded and serving
+        self.last_used: dict[str, float] = {}
+        self.inflight: dict[str | None, int] = {}
+        self.unloading: set[str] = set()
+        self.queued = 0
+        self.cv = threading.Condition()  # guards everything above
 
-    def variant(self, body: dict) -> str | None:
+    def acquire(self, body: dict) -> str | None:
+        """The variant a request asks for, counted in flight (``release`` when done); a 404 for an
+        unknown adapter or one being unloaded, a 429 past max_queued."""
         name = body.get("model") or self.model_name
         if not isinstance(name, str):
             raise BadRequest(f"'model' must be a string, got {name!r}")
-        if name == self.model_name:
-            return None
-        if name in self.adapter_paths:
-            return name
-        raise BadRequest(f"The model `{name}` does not exist.", 404, "NotFoundError")
+        with self.cv:
+            if name == self.model_name:
+                variant = None
+            elif name in self.adapter_paths and name not in self.unloading:
+                variant = name
+                self.last_used[name] = time.monotonic()
+            else:
+                raise BadRequest(f"The model `{name}` does not exist.", 404, "NotFoundError")
+            if self.queued >= self.limits.max_queued:
+                raise BadRequest(f"{self.queued} generations are queued (the limit, --max-queued); retry later",
+                                 429, "TooManyRequestsError")
+            self.queued += 1
+            self.inflight[variant] = self.inflight.get(variant, 0) + 1
+        return variant
+
+    def release(self, variant: str | None) -> None:
+        with self.cv:
+            self.queued -= 1
+            self.inflight[variant] -= 1
+            self.cv.notify_all()
+
+    def generate(self, ids: list[int], params: SamplingParams, variant: str | None):
+        try:
+            return self.backend.complete(ids, params, adapter=variant)
+        finally:
+            self.release(variant)
 
     def models(self) -> dict:
         now = int(time.time())
         data = [{"id": self.model_name, "object": "model", "created": now, "owned_by": "mmgrpo",
                  "root": self.model_name, "parent": None}]
+        with self.cv:
+            loaded = [(n, p) for n, p in self.adapter_paths.items() if n not in self.unloading]
         data += [{"id": n, "object": "model", "created": now, "owned_by": "mmgrpo", "root": p,
-                  "parent": self.model_name} for n, p in self.adapter_paths.items()]
+                  "parent": self.model_name} for n, p in loaded]
         return {"object": "list", "data": data}
 
     def load_adapter(self, body: dict) -> str:
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise BadRequest("'lora_name' and 'lora_path' must be non-empty strings")
-        if name == self.model_name or name in self.adapter_paths:
-            raise BadRequest(f"The lora adapter '{name}' has already been loaded.")
-        folder = Path(path)
+        folder = Path(path).expanduser()
+        try:
+            folder = folder.resolve()
+            inside = folder.is_relative_to(self.root)
+        except (OSError, ValueError, RuntimeError):
+            inside = False
+        if not inside:  # says nothing of what exists outside the root
+            raise BadRequest(f"'lora_path' must be a folder under this server's adapter root (--adapter-root)",
+                             403, "PermissionDeniedError")
         missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (folder / f).is_file()]
         if missing:
-            raise BadRequest(f"'{path}' is not a PEFT adapter folder readable by this server (missing {missing})")
+            raise BadRequest(f"'{path}' is not a PEFT adapter folder (missing {missing})")
+        with self.cv:
+            if name == self.model_name or name in self.adapter_paths:
+                if self.adapter_paths.get(name) == str(folder) and name not in self.unloading:
+                    return f"Success: LoRA adapter '{name}' added successfully."  # a retried load: the same
+                raise BadRequest(f"The lora adapter '{name}' has already been loaded.")
+            self.adapter_paths[name] = str(folder)
+            self.unloading.add(name)  # reserved: not served until it is loaded
+            evict = None
+            if len(self.adapter_paths) > self.limits.max_adapters:
+                idle = [n for n in self.adapter_paths if n not in self.unloading and not self.inflight.get(n)]
+                if not idle:
+                    del self.adapter_paths[name]
+                    self.unloading.discard(name)
+                    raise BadRequest(f"{self.limits.max_adapters} adapters are loaded and in use (--max-adapters); "
+                                     f"unload one first", 429, "TooManyRequestsError")
+                evict = min(idle, key=lambda n: self.last_used.get(n, 0.0))
         try:
+            if evict is not None:
+                self._unload(evict)
             self.backend.add_adapter(name, str(folder))
         except ValueError as exc:
+            with self.cv:
+                del self.adapter_paths[name]
+                self.unloading.discard(name)
             raise BadRequest(str(exc)) from exc
-        self.adapter_paths[name] = str(folder)
+        except BaseException:
+            with self.cv:
+                del self.adapter_paths[name]
+                self.unloading.discard(name)
+            raise
+        with self.cv:
+            self.unloading.discard(name)
+            self.last_used[name] = time.monotonic()
         return f"Success: LoRA adapter '{name}' added successfully."
 
     def unload_adapter(self, body: dict) -> str:
         name = body.get("lora_name")
         if not isinstance(name, str) or not name:
             raise BadRequest("'lora_name' must be a non-empty string")
-        if name not in self.adapter_paths:
-            raise BadRequest(f"The lora adapter '{name}' cannot be found.", 404, "NotFoundError")
-        del self.adapter_paths[name]
-        self.backend.remove_adapter(name)
+        with self.cv:
+            if name not in self.adapter_paths or name in self.unloading:
+                raise BadRequest(f"The lora adapter '{name}' cannot be found.", 404, "NotFoundError")
+        self._unload(name)
         return f"Success: LoRA adapter '{name}' removed successfully."
+
+    def _unload(self, name: str) -> None:
+        """New requests for ``name`` get a 404 from now on; those in flight finish first."""
+        with self.cv:
+            self.unloading.add(name)
+            deadline = time.monotonic() + self.limits.unload_wait_s
+            while self.inflight.get(name):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.unloading.discard(name)
+                    raise BadRequest(f"the lora adapter '{name}' still has requests in flight after "
+                                     f"{self.limits.unload_wait_s:.0f} s; try again", 409, "ConflictError")
+                self.cv.wait(left)
+        try:
+            self.backend.remove_adapter(name)
+        finally:
+            with self.cv:
+                self.adapter_paths.pop(name, None)
+                self.last_used.pop(name, None)
+                self.unloading.discard(name)
 
     def prompt_ids(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -139,13 +246,13 @@ class Server:
                              f"or the completion.")
 
     def completion(self, body: dict) -> dict:
-        params, variant, ids = _params(body), self.variant(body), self.prompt_ids(body)
+        params, ids = _params(body), self.prompt_ids(body)
         self.fits(ids, params)
         n_logprobs = body.get("logprobs")
         if n_logprobs is not None and (isinstance(n_logprobs, bool) or not isinstance(n_logprobs, int)
                                        or not 0 <= n_logprobs <= 20):
             raise BadRequest(f"'logprobs' must be an integer in [0, 20], got {n_logprobs!r}")
-        out = self.backend.complete(ids, params, adapter=variant)
+        out = self.generate(ids, params, self.acquire(body))
         choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason,
                   "stop_reason": None}
         if n_logprobs is not None:
@@ -169,12 +276,12 @@ class Server:
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                         and isinstance(m.get("content"), str) for m in msgs)):
             raise BadRequest("'messages' must be a non-empty list of {'role': str, 'content': str}")
-        params, variant = _params(body, default_max_tokens=1024), self.variant(body)  # chat: as vLLM, no short cap
+        params = _params(body, default_max_tokens=1024)  # chat: as vLLM, no short cap
         ids = self.backend.tokenize_chat(msgs)
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             params = params.with_(max_tokens=max(1, min(params.max_tokens, self.max_prompt - len(ids))))
         self.fits(ids, params)
-        out = self.backend.complete(ids, params, adapter=variant)
+        out = self.generate(ids, params, self.acquire(body))
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model") or self.model_name,
                 "choices": [{"index": 0, "finish_reason": out.finish_reason,
@@ -184,10 +291,14 @@ class Server:
 
 
 def make_handler(state: Server):
-    posts = {"/v1/completions": state.completion, "/v1/chat/completions": state.chat,
-             "/v1/load_lora_adapter": state.load_adapter, "/v1/unload_lora_adapter": state.unload_adapter}
+    posts = {"/v1/completions": state.completion, "/v1/chat/completions": state.chat}
+    if state.limits.adapter_api:
+        posts.update({"/v1/load_lora_adapter": state.load_adapter, "/v1/unload_lora_adapter": state.unload_adapter})
+    key = state.limits.api_key
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = state.limits.read_timeout_s  # the socket's: a silent client is disconnected, never waited on
+
         def log_message(self, *args):  # quiet: one line per request is noise in tests
             pass
 
@@ -197,31 +308,71 @@ def make_handler(state: Server):
             self.send_response(code)
             self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
             self.send_header("Content-Length", str(len(raw)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(raw)
 
         def _error(self, code: int, message: str, kind: str = "BadRequestError") -> None:
             self._send(code, {"error": {"message": message, "type": kind, "param": None, "code": code}})
 
+        def _authorized(self, path: str) -> bool:
+            """vLLM's --api-key: every /v1 route asks for the Bearer key; /health stays open."""
+            if key is None or not path.startswith("/v1"):
+                return True
+            given = self.headers.get("Authorization") or ""
+            if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return True
+            self.close_connection = True  # its body (if any) is not read
+            self._error(401, "Unauthorized: send the server's API key as 'Authorization: Bearer KEY'",
+                        "AuthenticationError")
+            return False
+
         def do_GET(self):
             path = self.path.split("?")[0].rstrip("/")
+            if not self._authorized(path):
+                return
             if path == "/v1/models":
                 self._send(200, state.models())
-            elif path == "/v1/prompts" and state.prompts is not None:
+            elif path == "/v1/prompts" and state.prompts is not None and state.limits.prompts_api:
                 self._send(200, {"model": state.model_name, "prompts": state.prompts})
             elif path == "/health":
                 self._send(200, {"status": "ok"})
             else:
                 self._error(404, f"no route GET {self.path}", "NotFoundError")
 
+        def _body(self) -> bytes:
+            """The body, never past MAX_BODY_BYTES: a missing, negative or non-numeric length is refused
+            before anything is read (the connection is closed then: its bytes are not consumed)."""
+            if self.headers.get("Transfer-Encoding"):
+                self.close_connection = True
+                raise BadRequest("chunked request bodies are not accepted: send a Content-Length", 411,
+                                 "LengthRequiredError")
+            text = self.headers.get("Content-Length")
+            if text is None:
+                self.close_connection = True
+                raise BadRequest("a request body needs a Content-Length header", 411, "LengthRequiredError")
+            if not text.strip().isdigit():
+                self.close_connection = True
+                raise BadRequest(f"Content-Length must be a non-negative integer, got {text!r}")
+            n = int(text)
+            if n > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise BadRequest(f"request body of {n} bytes; the limit is {MAX_BODY_BYTES}", 413,
+                                 "RequestEntityTooLargeError")
+            raw = self.rfile.read(n)
+            if len(raw) < n:
+                self.close_connection = True
+                raise BadRequest(f"the body ended after {len(raw)} of its {n} bytes")
+            return raw
+
         def do_POST(self):
-            handler = posts.get(self.path.split("?")[0].rstrip("/"))
+            path = self.path.split("?")[0].rstrip("/")
+            if not self._authorized(path):
+                return
+            handler = posts.get(path)
             try:
-                n = int(self.headers.get("Content-Length") or 0)
-                if n > MAX_BODY_BYTES:
-                    self.close_connection = True  # the body is not read: this connection is done
-                    return self._error(413, f"request body of {n} bytes; the limit is {MAX_BODY_BYTES}")
-                raw = self.rfile.read(n)
+                raw = self._body()
                 if handler is None:
                     return self._error(404, f"no route POST {self.path}", "NotFoundError")
                 body = json.loads(raw or b"{}")
@@ -230,10 +381,18 @@ def make_handler(state: Server):
                 out = handler(body)
             except BadRequest as exc:
                 return self._error(exc.code, str(exc), exc.kind)
-            except (ValueError, UnicodeDecodeError) as exc:  # JSON that does not parse, a bad length
+            except TimeoutError:
+                self.close_connection = True
+                return self._error(408, f"the request body did not arrive within {self.timeout:.0f} s",
+                                   "RequestTimeoutError")
+            except (ValueError, UnicodeDecodeError) as exc:  # JSON that does not parse
                 return self._error(400, f"bad request: {exc}")
-            except Exception as exc:  # noqa: BLE001 - the client gets the reason, the server lives on
-                return self._error(500, f"{type(exc).__name__}: {exc}", "InternalServerError")
+            except Exception:  # noqa: BLE001 - logged here; the client gets an id to quote, not internals
+                rid = uuid.uuid4().hex[:12]
+                print(f"mmgrpo serve: internal error, request {rid} ({path}):\n{traceback.format_exc()}",
+                      file=sys.stderr, flush=True)
+                return self._error(500, f"internal server error (request id {rid}); the server's log has the "
+                                        f"details", "InternalServerError")
             self._send(200, out)
 
     return Handler
@@ -243,12 +402,41 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # the listen backlog: the default 5 resets clients that connect at once
 
+    def __init__(self, address, handler, max_connections: int):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
 
-def start(backend, host: str = "127.0.0.1", port: int = 0, model_name: str = "mmgrpo", prompts: dict | None = None):
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):  # full: answer 429 at once, never queue a thread
+            body = json.dumps({"error": {"message": "too many open connections; retry later", "type":
+                                         "TooManyRequestsError", "param": None, "code": 429}}).encode()
+            try:
+                request.sendall(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                                + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def start(backend, host: str = "127.0.0.1", port: int = 0, model_name: str = "mmgrpo", prompts: dict | None = None,
+          limits: Limits | None = None):
     """Start serving in a daemon thread; returns the server (``server.server_address`` has the port,
     ``server.state`` the served state). ``prompts``: a result's optimized prompts, at GET /v1/prompts."""
-    state = Server(backend, model_name, prompts)
-    server = _Server((host, port), make_handler(state))
+    limits = limits or Limits()
+    state = Server(backend, model_name, prompts, limits)
+    server = _Server((host, port), make_handler(state), limits.max_connections)
     server.state = state
+    if limits.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mmgrpo serve: listening on {host} without an API key: anyone who reaches this port can load and "
+              f"unload adapters and read the prompts; set --api-key (or MMGRPO_API_KEY)", file=sys.stderr)
     threading.Thread(target=server.serve_forever, name="mmgrpo-serve", daemon=True).start()
     return server

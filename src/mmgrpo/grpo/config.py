@@ -149,7 +149,8 @@ class TrainConfig:
     """Policy servers that sample the rollouts and dev evaluations, e.g. ["http://127.0.0.1:8000/v1"]:
     `vllm serve MODEL --enable-lora --logprobs-mode processed_logprobs` (with
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) or `mmgrpo serve --model MODEL`, serving the same base
-    model as [model] name. Empty: in-process. Requests are spread over the servers in turn; after
+    model as [model] name. Empty: in-process. Each prompt goes to one server (by its hash: an example's G
+    samples share one server's prefix cache); after
     each update the adapter is written to `adapter_dir` and loaded on every server under a new name."""
     server_model: str | None = None
     """The base model's name on the servers; unset = the first model their /v1/models lists."""

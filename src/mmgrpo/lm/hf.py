@@ -174,9 +174,12 @@ class HFBackend:
             raise KeyError(f"no adapter {name!r} is loaded (loaded: {self.adapters()})")
         with self.lock:
             others = [a for a in self.adapters() if a != name]
-            if others and name in self.peft.active_adapters:  # else PEFT warns as it picks another itself
-                self.peft.set_adapter(others[-1])
-            self.peft.delete_adapter(name)
+            if not others:  # the last one: back to the plain model (PEFT keeps no adapter-less state that serves)
+                self.model, self.peft, self._plain = self.peft.unload(), None, False
+            else:
+                if name in self.peft.active_adapters:  # else PEFT warns as it picks another itself
+                    self.peft.set_adapter(others[-1])
+                self.peft.delete_adapter(name)
             self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] != name}
 
     @contextmanager
@@ -226,8 +229,8 @@ class HFBackend:
                 n = len(self._pending)
                 if not n and self._closed:
                     return None
-                if n and (n >= self._active or self._closed):
-                    break  # everyone at work is waiting on us
+                if n and (self._closed or ((self.deterministic or self._active) and n >= self._active)):
+                    break  # everyone at work is waiting on us (deterministic: none declared, so none to wait for)
                 if n and not self.deterministic:
                     first_seen = first_seen or time.monotonic()
                     left = first_seen + self.max_wait_s - time.monotonic()
@@ -246,6 +249,10 @@ class HFBackend:
             variants = list(dict.fromkeys(r.adapter for r in batch))  # in the batch's (sorted) order
             for k, adapter in enumerate(variants):  # one variant at a time
                 part = [r for r in batch if r.adapter == adapter]
+                if adapter not in (None, BASE) and adapter not in self.adapters():  # unloaded while queued
+                    for r in part:  # their own error; the other variants' requests go on
+                        r.future.set_exception(KeyError(f"no adapter {adapter!r} is loaded (loaded: {self.adapters()})"))
+                    continue
                 held = sum(r.adapter in variants[k + 1:] for r in batch)  # waiting for their variant's turn
                 self._generate(part, adapter, admit=self.continuous, held=held)
 

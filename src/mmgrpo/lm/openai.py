@@ -72,6 +72,9 @@ class HTTPJSON:
                 if exc.code in (404, 405) and path.endswith("_adapter"):
                     raise LMServerError(f"{url}: HTTP {exc.code}: {msg} (for vLLM: start it with --enable-lora and "
                                         f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)") from exc
+                if exc.code == 401:
+                    raise LMServerError(f"{url}: HTTP 401: {msg} (the server wants an API key: set it in "
+                                        f"${self.api_key_env})") from exc
                 if exc.code != 429 and exc.code < 500:
                     raise LMServerError(f"{url}: HTTP {exc.code}: {msg}") from exc
                 last = LMServerError(f"{url}: HTTP {exc.code}: {msg}")

@@ -13,8 +13,8 @@ Log-probs follow lm/base.py (softmax(logits / T)): start vLLM with
 """
 from __future__ import annotations
 
-import itertools
 import threading
+import zlib
 from pathlib import Path
 
 from .base import Completion, SamplingParams
@@ -74,20 +74,21 @@ def parse_completion(out: dict, prompt_ids: list[int]) -> Completion:
 
 
 class RemotePolicy:
-    """The policy on one or more servers; requests are spread over them in turn."""
+    """The policy on one or more servers; each prompt goes to one of them, chosen by its hash."""
 
     def __init__(self, urls: list[str] | str, tokenizer, model: str | None = None, timeout_s: float = 300.0,
                  retries: int = 3, backoff_s: float = 1.0):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("RemotePolicy needs at least one server URL (e.g. http://127.0.0.1:8000/v1)")
-        self.servers = [HTTPJSON(u, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s) for u in urls]
+        # the servers' API key (mmgrpo serve --api-key, vllm serve --api-key) is read from MMGRPO_API_KEY
+        self.servers = [HTTPJSON(u, api_key_env="MMGRPO_API_KEY", timeout_s=timeout_s, retries=retries,
+                                 backoff_s=backoff_s) for u in urls]
         self.tokenizer = tokenizer
         self.base = model or self._base_model()
         self.model = self.base  # the name requests ask for: the base, or the current adapter
         self.version = 0  # policy version of self.model (the learner's step count when pushed)
         self.pushes: list[dict] = []  # every load/unload, for the step log and tests
-        self._turn = itertools.count()
         self._lock = threading.Lock()
 
     def _base_model(self) -> str:
@@ -103,8 +104,15 @@ class RemotePolicy:
     def chat(self, messages: list[dict], params: SamplingParams) -> Completion:
         return self.complete(self.tokenize_chat(messages), params)
 
+    def server_for(self, prompt_ids: list[int]):
+        """The server of a prompt, by its hash: the same for every sample of it (an example's G
+        rollouts), so that the server's prefix cache holds it; different prompts spread over the servers."""
+        if len(self.servers) == 1:
+            return self.servers[0]
+        return self.servers[zlib.crc32(repr(list(prompt_ids)).encode()) % len(self.servers)]
+
     def complete(self, prompt_ids: list[int], params: SamplingParams, model: str | None = None) -> Completion:
-        server = self.servers[next(self._turn) % len(self.servers)]
+        server = self.server_for(prompt_ids)
         return parse_completion(server.request("/completions", completion_body(model or self.model, prompt_ids,
                                                                                 params)), prompt_ids)
 
@@ -117,8 +125,18 @@ class RemotePolicy:
         every server, switch requests to it, then unload the previous adapter."""
         path = str(Path(adapter_dir).resolve())
         with self._lock:
-            for s in self.servers:
-                s.request("/load_lora_adapter", {"lora_name": name, "lora_path": path}, want_json=False)
+            loaded = []
+            try:
+                for s in self.servers:
+                    _load(s, name, path)
+                    loaded.append(s)
+            except BaseException:  # all or none: the servers loaded so far unload it again
+                for s in loaded:
+                    try:
+                        s.request("/unload_lora_adapter", {"lora_name": name}, want_json=False)
+                    except LMServerError:
+                        pass
+                raise
             old, self.model, self.version = self.model, name, version
             self.pushes.append({"load": name, "version": version})
             if old != self.base:
@@ -129,6 +147,16 @@ class RemotePolicy:
                         if "HTTP 404" not in str(exc) and "not found" not in str(exc).lower():
                             raise
                 self.pushes.append({"unload": old})
+
+
+def _load(server, name: str, path: str) -> None:
+    """Load an adapter, idempotently: "already loaded" after a retry (the first try went through
+    but its answer was lost) is the same adapter, since every policy version has a new name."""
+    try:
+        server.request("/load_lora_adapter", {"lora_name": name, "lora_path": path}, want_json=False)
+    except LMServerError as exc:
+        if "already" not in str(exc).lower():
+            raise
 
 
 class _BaseView:
