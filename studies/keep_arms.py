@@ -1,5 +1,5 @@
 """Keep the finished arms of a `mmgrpo compare` folder in the repository, and put them back, so that a
-comparison too long for one session (many-hop over 5 seeds: ~1.5 CPU-hours a seed) continues in the
+comparison too long for one sitting (many-hop over 5 seeds: ~1.5 CPU-hours a seed) continues in the
 next from a clean checkout instead of starting again.
 
     python studies/keep_arms.py save runs/compare-multihop-seeds5      # -> studies/arms/compare-multihop-seeds5/

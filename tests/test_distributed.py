@@ -21,7 +21,8 @@ def files(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
 
 
-def train(tmp_path: Path, name: str, world: int, steps: int, resume: Path | None = None) -> Path:
+def train(tmp_path: Path, name: str, world: int, steps: int, resume: Path | None = None,
+          failing_rank: int | None = None):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"id": f"t{i}", "topic": t}) + "\n" for i, t in enumerate(TOPICS)))
     sets = ["task.program=toy:Toy", "task.metric=toy:short", f"task.train={data}", f"task.dev={data}",
@@ -32,11 +33,15 @@ def train(tmp_path: Path, name: str, world: int, steps: int, resume: Path | None
     cli = ["-m", "mmgrpo.cli", "train", *[a for s in sets for a in ("--set", s)]]
     if resume:
         cli += ["--resume", str(resume)]
+    if failing_rank is not None:  # the launched script: one rank raises in its first update
+        cli = [str(HERE / "dist_fault_job.py"), str(failing_rank), *cli[2:]]
     cmd = [sys.executable, *cli] if world == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *cli]
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if failing_rank is not None:
+        return out
     assert out.returncode == 0, "\n".join(l for l in (out.stdout + out.stderr).splitlines() if "rank0" in l or "Error" in l)[-3000:]
     runs = [p for p in (tmp_path / name).iterdir() if p.is_dir()]
     assert len(runs) == 1, runs  # rank 1 made no folder of its own
@@ -72,3 +77,14 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_only_rank_0_writes
             assert r1["train_tokens"] == r2["train_tokens"] and r1["micro_batches"] == r2["micro_batches"] >= 2
             assert abs(r1["loss"] - r2["loss"]) < 1e-5 and abs(r1["grad_norm"] - r2["grad_norm"]) < 1e-4
     assert files(one) == files(two)
+
+
+def test_a_rank_that_fails_mid_update_ends_the_job_at_once_instead_of_hanging(tmp_path):
+    import time
+
+    for rank in (0, 1):
+        t0 = time.perf_counter()
+        out = train(tmp_path, f"fail{rank}", 2, 3, failing_rank=rank)
+        took = time.perf_counter() - t0
+        assert out.returncode != 0 and f"injected failure on rank {rank} mid-update" in out.stdout + out.stderr
+        assert took < 300, took  # the loading and first rollouts, not a collective's timeout (3600 s)

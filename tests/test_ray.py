@@ -81,9 +81,47 @@ def test_ray_workers_give_the_local_trajectories_and_redo_a_killed_workers_examp
 def test_training_with_ray_workers_equals_training_without(cluster, tmp_path):
     run_toy(replace(toy_config(servers=[cluster]), steps=2), tmp_path / "plain")
     spread = run_toy(replace(toy_config(servers=[cluster], workers=2), steps=2), tmp_path / "ray")
-    spread.workers.close()
+    assert spread.workers is None  # its actors ended with the run
     a, b = adapter(tmp_path / "plain", 2), adapter(tmp_path / "ray", 2)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    # the same training up to float rounding: the server batches requests as they arrive, so a sampled
+    # log-prob (and so an importance weight) may differ in its last bits; compared as a whole, as Adam can
+    # magnify that in an element whose gradient is near 0
+    num = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+    assert num / sum(float(a[k].norm() ** 2) for k in a) ** 0.5 < 1e-3, num
     logs = [RunDir(tmp_path / n).read_log() for n in ("plain", "ray")]
     assert [r["reward_mean"] for r in logs[0]] == [r["reward_mean"] for r in logs[1]]
     assert all(r["n_worker_retries"] == 0 for r in logs[1]) and any(r["updated"] for r in logs[1])
+
+
+def _broken_program():
+    raise ImportError("the program's module is missing on the worker")
+
+
+def test_a_worker_that_raises_or_never_answers_fails_the_call_instead_of_hanging(cluster):
+    import time
+
+    from mmgrpo.rollout_ray import RolloutWorkersFailed
+
+    task = toy_task()
+    policy = RemotePolicy([cluster], HFBackend.load().tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    broken = RaySampler(1, _broken_program, short, policy_settings(policy))
+    try:
+        with pytest.raises(RolloutWorkersFailed, match="raised.*missing on the worker"):
+            broken.sample(task.make_program(), task.dev[:2], n_samples=1, params=params, seed=0, model=policy.model,
+                          version=0)
+    finally:
+        broken.close()
+
+    def forever(ex, pred):
+        time.sleep(3600)
+
+    stuck = RaySampler(1, task.make_program, forever, policy_settings(policy), timeout_s=5)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(RolloutWorkersFailed, match="no answer from their rollout workers in 5 s"):
+            stuck.sample(task.make_program(), task.dev[:2], n_samples=1, params=params, seed=0, model=policy.model,
+                         version=0)
+        assert time.perf_counter() - t0 < 60
+    finally:
+        stuck.close()

@@ -69,6 +69,9 @@ def test_print_summary_shows_every_step_and_the_dev_change(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1     0.250   7   1           0      3       2        0.750      1.2e-03" in out
     assert "baseline 0.400 ± 0.100 -> trained 0.500 ± 0.100" in out
+    print_summary(job, {"baseline_dev": 0.4, "baseline_ci95": None, "final_dev": 0.5, "final_ci95": None,
+                        "dev_n": 1, "best_dev": 0.5, "best_step": 1})  # one dev example: no CI
+    assert "baseline 0.400 ± n/a -> trained 0.500 ± n/a" in capsys.readouterr().out
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_backend  # noqa: E402
 
 from mmgrpo import serve  # noqa: E402
-from mmgrpo.lm.base import Completion, SamplingParams  # noqa: E402
+from mmgrpo.lm.base import BASE, Completion, SamplingParams  # noqa: E402
 
 KEY = "s3cret-key"
 
@@ -97,6 +97,32 @@ def _up(port) -> bool:
 
 
 PROMPT = {"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0}
+
+
+def test_streaming_is_refused_with_a_reason(server):
+    for path, body in (("/v1/completions", PROMPT), ("/v1/chat/completions",
+                                                     {"messages": [{"role": "user", "content": "hi"}]})):
+        code, out = call(server, path, {**body, "stream": True})
+        assert code == 400 and "streaming is not served" in out["error"]["message"]
+
+
+def test_a_result_is_served_under_its_name_with_its_base_beside_it(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mmgrpo.models import resolve
+
+    backend = Slow(AutoTokenizer.from_pretrained(resolve("smollm2-135m")), delay=0)
+    srv = serve.start(backend, model_name="banking77-demo-1", base_name="smollm2-135m",
+                      limits=serve.Limits(adapter_root=tmp_path))
+    try:
+        port = srv.server_address[1]
+        listed = [(m["id"], m["parent"]) for m in call(port, "/v1/models", key=None)[1]["data"]]
+        assert listed == [("smollm2-135m", None), ("banking77-demo-1", "smollm2-135m")]
+        for name in ("banking77-demo-1", "smollm2-135m"):
+            assert call(port, "/v1/completions", {**PROMPT, "model": name}, key=None)[0] == 200
+        assert backend.variants == [None, BASE]  # the result's adapter, then the base without it
+    finally:
+        srv.shutdown()
 
 
 def test_body_lengths_that_are_missing_negative_or_not_numbers_are_refused(server):
@@ -198,7 +224,7 @@ class Slow:
 
     def __init__(self, lm_tokenizer, delay=0.5):
         self.tokenizer, self.delay, self.loaded, self.removed_while_busy = lm_tokenizer, delay, set(), False
-        self.busy = 0
+        self.busy, self.variants = 0, []
         self.model = type("M", (), {"config": type("C", (), {"max_position_embeddings": 2048})()})()
 
     def tokenize_chat(self, messages):
@@ -210,7 +236,8 @@ class Slow:
         self.busy += 1
         time.sleep(self.delay)
         self.busy -= 1
-        assert adapter is None or adapter in self.loaded
+        assert adapter in (None, BASE) or adapter in self.loaded
+        self.variants.append(adapter)
         return Completion(text="ok", token_ids=[5], logprobs=[-0.1], prompt_ids=list(ids))
 
     def add_adapter(self, name, path):

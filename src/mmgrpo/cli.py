@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -85,7 +86,22 @@ def cmd_train(args) -> int:
                       ("dev", "dev"), ("test", "test")):
         if getattr(args, flag):
             overrides.append(f"task.{key}={getattr(args, flag)}")
-    cfg = load_config(args.config, overrides=[*overrides, *(args.set or [])])
+    saved = None
+    if args.resume:  # the run's own config, with what the command line changes on top (checked in build)
+        from pathlib import Path
+
+        from .grpo.config import with_defaults
+
+        found = Path(args.resume) / "config.json"
+        if not found.exists():
+            raise FileNotFoundError(f"{args.resume} is not a run folder (no config.json): give the folder a run "
+                                    f"wrote, e.g. runs/NAME-<time>")
+        saved = with_defaults(json.loads(found.read_text())["config"])
+    elif not args.config and not overrides and not args.set:
+        raise ValueError("say what to train: a config file (e.g. mmgrpo train examples/banking77_demo.toml, the "
+                         "demo), --task NAME, or your program with --program/--metric/--train/--dev; "
+                         "every key is in docs/configuration.md")
+    cfg = load_config(args.config, overrides=[*overrides, *(args.set or [])], defaults=saved)
     t0 = time.time()
     out = run(cfg, resume=args.resume)
     if out.get("steps") is not None:  # rank 0 (a data-parallel run's other ranks return {})
@@ -135,15 +151,17 @@ def cmd_serve(args) -> int:
 
     from .serve import Limits
 
-    prompts, name = None, args.model
+    prompts, name, base = None, args.model, None
     if args.run:
         from .result import load, result_folder
 
         res = load(args.run, device=args.device, dtype=args.dtype)
         backend, prompts = res.backend, res.prompts
         backend.deterministic = False  # a server batches by arrival time
-        name = args.name or res.info["model"]
-        root = args.adapter_root or result_folder(args.run).parent
+        folder = result_folder(args.run)
+        base = res.info["model"]  # served beside the result, as vLLM lists a LoRA adapter's base
+        name = args.name or (folder.parent.name if folder.name == "result" else folder.name)
+        root = args.adapter_root or folder.parent
     else:
         backend = HFBackend.load(args.model, device=args.device, dtype=args.dtype, deterministic=False)
         root = args.adapter_root or "."
@@ -152,7 +170,7 @@ def cmd_serve(args) -> int:
                     max_adapters=args.max_adapters, adapter_api=not args.no_adapter_api,
                     prompts_api=not args.no_prompts_api, read_timeout_s=args.read_timeout,
                     max_connections=args.max_connections, max_queued=args.max_queued)
-    srv = start(backend, args.host, args.port, model_name=name, prompts=prompts, limits=limits)
+    srv = start(backend, args.host, args.port, model_name=name, prompts=prompts, limits=limits, base_name=base)
     print(f"serving {name}{' + ' + args.run if args.run else ''} at "
           f"http://{srv.server_address[0]}:{srv.server_address[1]}/v1 (Ctrl-C to stop)")
     try:
@@ -168,17 +186,22 @@ def _device_args(p) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mmgrpo", description="Multi-module GRPO and prompt optimization for LM programs")
+    from . import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
+    p = argparse.ArgumentParser(prog="mmgrpo", description="Multi-module GRPO and prompt optimization for LM programs",
+                                formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"mmgrpo {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    e = sub.add_parser("eval", help="evaluate a task's program, or a result (--run), on a split")
-    e.add_argument("--task", choices=TASKS, default=None)
+    e = sub.add_parser("eval", formatter_class=fmt, help="evaluate a task's program, or a result (--run), on a split")
+    e.add_argument("--task", choices=TASKS, default=None, help="a built-in task's program, untouched")
     e.add_argument("--run", default=None, help="a result folder, or a run folder with result/")
     e.add_argument("--data", default=None, help="with --run: a JSONL file of examples to evaluate on")
-    e.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    e.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="which examples")
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples only")
     e.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or Hugging Face id")
-    e.add_argument("--concurrency", type=int, default=16)
+    e.add_argument("--concurrency", type=int, default=16, help="programs run at once (their LM calls batched)")
     e.add_argument("--max-tokens", dest="max_tokens", type=int, default=None,
                    help="completion budget of each LM call (default: a result's training budget, else 256)")
     e.add_argument("--n-labels", dest="n_labels", type=int, default=None, help="banking77: narrow the label set")
@@ -186,12 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--no-reasoning", action="store_true", help="banking77: label only, no reasoning field")
     e.add_argument("--quality", choices=["chrf", "judge"], default=None,
                    help="papillon: the quality half of the metric (default chrf without a judge endpoint)")
-    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--seed", type=int, default=None, help="the task's split seed (built-in tasks)")
     e.add_argument("--out", default="runs", help="folder for the results")
     _device_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    t = sub.add_parser("train", help="optimize a task or your own program (strategy: prompts, weights, both)")
+    t = sub.add_parser("train", formatter_class=fmt, help="optimize a task or your own program (strategy: prompts, weights, both)",
+                       epilog="Every config key, its section, type and default: docs/configuration.md "
+                              "(python scripts/config_doc.py writes it from the code).")
     t.add_argument("config", nargs="?", default=None, help="a .toml/.yaml config (defaults for every key left out)")
     t.add_argument("--task", choices=TASKS, default=None, help="a built-in task (overrides the config's)")
     t.add_argument("--program", default=None, help="your program: import path 'pkg.mod:make_program'")
@@ -200,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--train", default=None, help="training examples, JSONL")
     t.add_argument("--dev", default=None, help="dev examples, JSONL")
     t.add_argument("--test", default=None, help="held-out examples, JSONL (optional)")
-    t.add_argument("--resume", default=None, help="a run folder to continue from its last checkpoint")
+    t.add_argument("--resume", default=None, help="a run folder to continue from its last checkpoint, with its saved "
+                   "config (keys given here may change only where, how and how loudly it runs)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config key, e.g. rollout.temperature=0.8 (repeatable)")
     t.set_defaults(fn=cmd_train)
 
-    c = sub.add_parser("compare", help="baseline vs prompts vs weights vs prompts -> weights, on held-out test")
+    c = sub.add_parser("compare", formatter_class=fmt, help="baseline vs prompts vs weights vs prompts -> weights, on held-out test")
     c.add_argument("config", nargs="?", default=None, help="a .toml/.yaml config (default: the task's preset)")
     c.add_argument("--task", choices=TASKS, default=None, help="the task (default banking77)")
     c.add_argument("--resume", default=None, help="a comparison folder to finish (its saved settings are used)")
@@ -216,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
                         "--resume, a larger N adds seeds to a multi-seed comparison")
     c.set_defaults(fn=cmd_compare)
 
-    s = sub.add_parser("serve", help="an OpenAI-compatible server over a model or a result (--run)")
-    s.add_argument("--model", default="smollm2-135m")
+    s = sub.add_parser("serve", formatter_class=fmt, help="an OpenAI-compatible server over a model or a result (--run)")
+    s.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or Hugging Face id")
     s.add_argument("--run", default=None, help="serve a result: its adapter applied, its prompts at /v1/prompts. "
                    "This imports and runs the program and metric code its result.json names: serve only results "
                    "you trust")
-    s.add_argument("--name", default=None, help="with --run: the model name to answer to")
+    s.add_argument("--name", default=None, help="with --run: the model name to answer to (default: the run "
+                   "folder's name; the base model answers under its own name beside it)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--api-key", dest="api_key", default=None,
                    help="ask every /v1 request for 'Authorization: Bearer KEY' (default: $MMGRPO_API_KEY; unset: open)")
     s.add_argument("--adapter-root", dest="adapter_root", default=None,
@@ -245,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     _device_args(s)
     s.set_defaults(fn=cmd_serve)
 
-    x = sub.add_parser("export", help="a result as a PEFT adapter folder, or --merged as a Hugging Face model")
+    x = sub.add_parser("export", formatter_class=fmt, help="a result as a PEFT adapter folder, or --merged as a Hugging Face model")
     x.add_argument("run", help="a result folder, or a run folder with result/")
     x.add_argument("out", help="a new folder")
     x.add_argument("--merged", action="store_true", help="merge the adapter into the weights")
     x.set_defaults(fn=cmd_export)
 
-    r = sub.add_parser("report", help="report.html (plots embedded) + PNGs for a training run or a compare folder")
+    r = sub.add_parser("report", formatter_class=fmt, help="report.html (plots embedded) + PNGs for a training run or a compare folder")
     r.add_argument("run", help="a run folder (metrics.jsonl) or a compare folder (results.json)")
     r.set_defaults(fn=cmd_report)
 
@@ -260,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
+    except KeyboardInterrupt as exc:
+        print(f"\nmmgrpo: {exc}" if str(exc) else "\nmmgrpo: stopped by Ctrl-C", file=sys.stderr)
+        return 130
     except TrainingStopped as exc:
         print(f"mmgrpo: stopped: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -101,6 +103,8 @@ def import_object(spec: str, what: str = "object") -> Any:
         mod_name, attr = spec.rsplit(".", 1)
     else:
         raise ValueError(f"{what} {spec!r}: write an import path like 'my_pkg.my_module:name'")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the current folder, as `python -m` has it
+        sys.path.append(os.getcwd())
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:

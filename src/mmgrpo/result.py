@@ -28,6 +28,14 @@ class OptimizedProgram:
         self.metric = metric  # the default of evaluate (None when it could not be rebuilt)
         self.max_tokens = max_tokens
 
+    def __repr__(self) -> str:
+        mods = ", ".join(self.program.named_modules()) if hasattr(self.program, "named_modules") else "?"
+        scores = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in (self.info.get("scores") or {}).items())
+        return (f"OptimizedProgram({type(self.program).__name__} [{mods}], model {self.info.get('model')!r}, "
+                f"strategy {self.info.get('strategy')!r}, adapter {'yes' if self.peft_model is not None else 'no'}"
+                f"{', ' + scores if scores else ''})")
+
     def __call__(self, **inputs: Any) -> Prediction:
         with using(self.backend, SamplingParams(temperature=0.0, max_tokens=self.max_tokens)):
             return Prediction(self.program(**inputs))

@@ -119,13 +119,14 @@ def sample(program: Program, examples: Sequence[Example], metric: Metric, lm: LM
     trajs: list[Trajectory | None] = [None] * len(jobs)
     next_job = iter(range(len(jobs)))
     take = threading.Lock()
+    stop = threading.Event()  # Ctrl-C: no program starts after it
     clients = getattr(lm, "clients", None)
     # every worker is declared before any starts and leaves only when no job is left, so a
     # deterministic backend's batches hold one request of every trajectory in flight
     with (clients(n_workers) if clients else nullcontext()) as slots:
         def worker():
             try:
-                while True:
+                while not stop.is_set():
                     with take:
                         k = next(next_job, None)
                     if k is None:
@@ -140,8 +141,15 @@ def sample(program: Program, examples: Sequence[Example], metric: Metric, lm: LM
 
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             futures = [pool.submit(contextvars.copy_context().run, worker) for _ in range(n_workers)]
-            for fut in futures:
-                fut.result()
+            try:
+                for fut in futures:
+                    fut.result()
+            except KeyboardInterrupt:  # stop in seconds: the running batch ends, nothing new starts
+                stop.set()
+                if hasattr(lm, "cancel"):
+                    lm.cancel()
+                bar.close()
+                raise
     bar.close()
     return RolloutResult(trajectories=trajs, seconds=time.perf_counter() - t0, counts=status_counts(trajs))
 
@@ -170,7 +178,8 @@ class EvalResult:
         return self.counts.get(ERROR, 0)
 
     def __str__(self) -> str:
-        return f"{self.mean:.3f} ± {self.ci95:.3f} (95% CI, n={self.n})"
+        ci = "n/a" if self.ci95 is None or not math.isfinite(self.ci95) else f"{self.ci95:.3f}"
+        return f"{self.mean:.3f} ± {ci} (95% CI, n={self.n})"
 
 
 def mean_ci(xs: Sequence[float]) -> tuple[float, float]:

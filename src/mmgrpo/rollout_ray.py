@@ -28,6 +28,28 @@ def _ray():
     return ray
 
 
+class RolloutWorkersFailed(RuntimeError):
+    """Rollout workers raised, kept dying or never answered: the step is not trained on."""
+
+
+def runtime_env(address: str | None, make_program: Callable, metric: Metric) -> dict:
+    """What the workers need to import the program and metric: on a local cluster the driver's own
+    import path; on another machine the source of their top-level packages (Ray's py_modules),
+    unless they are installed packages there as here."""
+    if not address or address == "local":
+        return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+    modules = []
+    for obj in (make_program, metric):
+        mod = sys.modules.get(getattr(obj, "__module__", "") or "")
+        top = sys.modules.get((getattr(mod, "__name__", "") or "").split(".")[0])
+        path = getattr(top, "__file__", None)
+        if path and "site-packages" not in path and "dist-packages" not in path:
+            src = os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path
+            if src not in modules:
+                modules.append(src)
+    return {"py_modules": modules} if modules else {}
+
+
 class RolloutWorker:
     """One actor: a program and a client of the policy servers."""
 
@@ -55,14 +77,12 @@ class RaySampler:
     """``n_workers`` rollout actors on a Ray cluster (``address``: None starts a local one)."""
 
     def __init__(self, n_workers: int, make_program: Callable, metric: Metric, policy: dict,
-                 address: str | None = None, cpus_per_worker: float = 1.0):
+                 address: str | None = None, cpus_per_worker: float = 1.0, timeout_s: float = 3600.0):
         ray = _ray()
         if not ray.is_initialized():
-            # the driver's import path travels, so programs defined in the user's modules import there too
-            env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-            ray.init(address=address or None, runtime_env={"env_vars": env}, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
-        self.ray = ray
+            ray.init(address=address or None, runtime_env=runtime_env(address, make_program, metric),
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+        self.ray, self.timeout_s = ray, timeout_s
         self.actor_cls = ray.remote(num_cpus=cpus_per_worker, max_concurrency=64)(RolloutWorker)
         self.args = (make_program, metric, policy)
         self.workers = [self._start() for _ in range(n_workers)]
@@ -96,15 +116,26 @@ class RaySampler:
             submit(k, k % len(self.workers), 1)
         done: dict[int, RolloutResult] = {}
         retried: list[str] = []  # ids of the examples run again: every one in flight on a dead worker
+        deadline = time.monotonic() + self.timeout_s
         while pending:
-            ready, _ = self.ray.wait(list(pending), num_returns=1)
+            ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:  # a worker that never answers is a failure, not a wait without end
+                for ref in pending:
+                    self.ray.cancel(ref, force=True)
+                raise RolloutWorkersFailed(f"{len(pending)} examples (first: {examples[pending[next(iter(pending))][0]].id}) "
+                                           f"got no answer from their rollout workers in {self.timeout_s:.0f} s")
             k, w, actor, tries = pending.pop(ready[0])
             try:
                 done[k] = self.ray.get(ready[0])
+            except self.ray.exceptions.RayTaskError as exc:  # the worker's code raised: not the policy's doing
+                for ref in pending:
+                    self.ray.cancel(ref, force=True)
+                raise RolloutWorkersFailed(f"example {examples[k].id}: its rollout worker raised "
+                                           f"{str(exc).strip().splitlines()[-1][:300]}") from exc
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as exc:
                 if tries >= max_tries:
-                    raise RuntimeError(f"example {examples[k].id}: its rollout worker died {tries} times; last: "
-                                       f"{type(exc).__name__}: {exc}") from exc
+                    raise RolloutWorkersFailed(f"example {examples[k].id}: its rollout worker died {tries} times; "
+                                               f"last: {type(exc).__name__}: {exc}") from exc
                 retried.append(examples[k].id)
                 if self.workers[w] is actor:  # the first of its examples to report: start a replacement
                     self.workers[w] = self._start()

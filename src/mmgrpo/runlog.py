@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
     path = Path(path)
@@ -19,6 +23,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # the user's umask, as open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -129,6 +134,11 @@ class RunDir:
 
 
 MANIFEST = "manifest.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file (data files are recorded with it, so a changed file is named)."""
+    return _sha256(Path(path))
 
 
 def write_manifest(folder: Path) -> None:

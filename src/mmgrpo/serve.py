@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .lm.base import SamplingParams
+from .lm.base import BASE, SamplingParams
 
 MAX_BODY_BYTES = 8 << 20
 MAX_NEW_TOKENS = 4096
@@ -61,6 +61,8 @@ def _number(body: dict, key: str, default, cast, low=None, high=None):
 
 
 def _params(body: dict, default_max_tokens: int = 16) -> SamplingParams:
+    if body.get("stream"):
+        raise BadRequest("streaming is not served: send the request with stream = false (or without it)")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
@@ -83,8 +85,10 @@ class Server:
     """The served state: the backend, the name it answers to, and the adapters loaded at run time,
     with their requests in flight (an adapter is unloaded only once none is left)."""
 
-    def __init__(self, backend, model_name: str, prompts: dict | None = None, limits: Limits | None = None):
+    def __init__(self, backend, model_name: str, prompts: dict | None = None, limits: Limits | None = None,
+                 base_name: str | None = None):
         self.backend, self.model_name, self.prompts = backend, model_name, prompts
+        self.base_name = base_name if base_name != model_name else None  # a result's base model, served beside it
         self.limits = limits or Limits()
         self.root = Path(self.limits.adapter_root or Path.cwd()).resolve()
         self.vocab = len(backend.tokenizer)
@@ -105,6 +109,8 @@ class Server:
         with self.cv:
             if name == self.model_name:
                 variant = None
+            elif name == self.base_name:
+                variant = BASE
             elif name in self.adapter_paths and name not in self.unloading:
                 variant = name
                 self.last_used[name] = time.monotonic()
@@ -131,8 +137,14 @@ class Server:
 
     def models(self) -> dict:
         now = int(time.time())
-        data = [{"id": self.model_name, "object": "model", "created": now, "owned_by": "mmgrpo",
-                 "root": self.model_name, "parent": None}]
+        if self.base_name:  # a result: listed as vLLM lists a LoRA adapter, its base model beside it
+            data = [{"id": self.base_name, "object": "model", "created": now, "owned_by": "mmgrpo",
+                     "root": self.base_name, "parent": None},
+                    {"id": self.model_name, "object": "model", "created": now, "owned_by": "mmgrpo",
+                     "root": self.model_name, "parent": self.base_name}]
+        else:
+            data = [{"id": self.model_name, "object": "model", "created": now, "owned_by": "mmgrpo",
+                     "root": self.model_name, "parent": None}]
         with self.cv:
             loaded = [(n, p) for n, p in self.adapter_paths.items() if n not in self.unloading]
         data += [{"id": n, "object": "model", "created": now, "owned_by": "mmgrpo", "root": p,
@@ -428,11 +440,11 @@ class _Server(ThreadingHTTPServer):
 
 
 def start(backend, host: str = "127.0.0.1", port: int = 0, model_name: str = "mmgrpo", prompts: dict | None = None,
-          limits: Limits | None = None):
+          limits: Limits | None = None, base_name: str | None = None):
     """Start serving in a daemon thread; returns the server (``server.server_address`` has the port,
     ``server.state`` the served state). ``prompts``: a result's optimized prompts, at GET /v1/prompts."""
     limits = limits or Limits()
-    state = Server(backend, model_name, prompts, limits)
+    state = Server(backend, model_name, prompts, limits, base_name)
     server = _Server((host, port), make_handler(state), limits.max_connections)
     server.state = state
     if limits.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

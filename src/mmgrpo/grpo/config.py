@@ -275,6 +275,12 @@ class TrainConfig:
     """Write a resumable checkpoint every N steps (and at the end)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept (the best adapter is kept apart)."""
+    dist_timeout_s: float = 3600.0
+    """Under torchrun / accelerate launch: how long one collective may wait, the other ranks'
+    wait for rank 0's prompt search included (raise it for longer searches); past it they fail
+    instead of hanging. An error on any rank ends the job at once. Several nodes need a file system
+    shared by every rank for the run folder (rank 0 writes it; the others read its checkpoint on
+    resume)."""
     out: str = "runs"
     """Folder under which the run folder is made."""
     name: str = "mmgrpo"
@@ -332,6 +338,7 @@ class TrainConfig:
             need(bool(self.metric), "metric", "is needed with `program` (an import path)")
             need(bool(self.train_data and self.dev_data), "train_data", "and dev_data are needed with `program`")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(self.dist_timeout_s > 0, "dist_timeout_s", "must be > 0")
         need(self.workers >= 0, "workers", "must be >= 0")
         need(all(t in TRACKERS for t in self.report_to), "report_to",
              f"must list trackers among {', '.join(TRACKERS)}")
@@ -412,7 +419,7 @@ SECTIONS: dict[str, dict[str, str]] = {
                 "proposer_model": "proposer_model"},
     "run": {k: k for k in ("strategy", "seed", "steps", "eval_every", "eval_examples", "eval_max_tokens",
                            "checkpoint_every",
-                           "keep_checkpoints", "out", "name", "progress", "report_to")},
+                           "keep_checkpoints", "dist_timeout_s", "out", "name", "progress", "report_to")},
 }
 WHERE = {f: (sec, key) for sec, keys in SECTIONS.items() for key, f in keys.items()}  # field -> (section, key)
 assert set(WHERE) == {f.name for f in dataclasses.fields(TrainConfig)}, "every field belongs to one section"
@@ -534,4 +541,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), defaults: di
             raise ValueError(f"--set {item}: {k!r} belongs in a section now: --set {WHERE[k][0]}.{WHERE[k][1]}={v}")
         else:
             raise ValueError(f"--set {item}: write SECTION.KEY=VALUE (sections: {', '.join(SECTIONS)})")
+    for key in PATH_KEYS:  # saved as absolute paths: a run is resumed and evaluated from any folder
+        if isinstance(raw.get(key), str) and raw[key]:
+            raw[key] = str(Path(raw[key]).expanduser().resolve())
     return from_dict(raw, source)
+
+
+PATH_KEYS = ("train_data", "dev_data", "test_data", "prompts")

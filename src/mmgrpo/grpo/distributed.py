@@ -22,20 +22,32 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(device: str) -> str:
+def setup(device: str, timeout_s: float = 3600.0) -> str:
     """Join the process group the launcher describes in the environment (nccl on GPUs, gloo on
-    CPUs); returns the device this rank trains on. A no-op in a single process."""
+    CPUs); returns the device this rank trains on. A no-op in a single process. ``timeout_s``: how
+    long any collective may wait ([run] dist_timeout_s), the others waiting for rank 0's prompt
+    search included; past it the waiting ranks fail instead of hanging."""
     if not launched():
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
-        # rank 0 may search prompts for a long while before the first update: the others wait
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=24))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     if cuda:
         torch.cuda.set_device(local)
         return f"cuda:{local}"
     return "cpu"
+
+
+def abort() -> None:
+    """After an error on this rank: end the process group instead of meeting the other ranks in a
+    collective they are not in (that would hang); they fail at once on the closed connections,
+    and the launcher stops the job."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the error that got us here is the one to report
+            pass
 
 
 def active() -> bool:

@@ -7,6 +7,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from ..lm.base import SamplingParams
@@ -14,7 +15,7 @@ from ..lm.openai import LMUnavailable
 from ..program import Example
 from ..rollout import evaluate, sample, trajectory_seed
 from ..runlog import MANIFEST, RunDir, format_table, publish_dir, recover_dir, verify_manifest
-from ..trace import ERROR
+from ..trace import ERROR, OK, PARSE_FAILURE
 from . import distributed
 from .config import TrainConfig, with_defaults
 from .groups import assign_weights, compute_advantages, group_calls
@@ -25,7 +26,11 @@ from .trainer import Trainer, write_latest
 # where rollouts run, what watches the run and where its folder sits (a folder moved, or named by a
 # relative path instead of an absolute one), not what is learned: a resume may change these
 MAY_CHANGE_ON_RESUME = ("servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
-                        "request_backoff_s", "workers", "ray_address", "report_to", "progress", "out")
+                        "request_backoff_s", "workers", "ray_address", "report_to", "progress", "out",
+                        "dist_timeout_s")
+
+
+FAILURES = "failures.jsonl"  # each failed rollout: its error or the reply that did not parse
 
 
 class TrainingStopped(RuntimeError):
@@ -51,7 +56,7 @@ class MMGRPO:
 
     def __init__(self, cfg: TrainConfig, task, program, backend, run: RunDir):
         self.cfg, self.task, self.program, self.backend, self.run = cfg, task, program, backend, run
-        distributed.setup(cfg.device)
+        distributed.setup(cfg.device, cfg.dist_timeout_s)
         self.trainer = Trainer(backend, cfg)
         self.trained = False  # set once fit has run: the adapter then belongs to the result
         self.best = {"dev": float("-inf"), "step": None}
@@ -79,8 +84,10 @@ class MMGRPO:
             from ..rollout_ray import RaySampler, policy_settings
 
             self.workers = RaySampler(cfg.workers, task.make_program, task.reward, policy_settings(self.sampler),
-                                      cfg.ray_address)
+                                      cfg.ray_address,
+                                      timeout_s=cfg.request_timeout_s * (cfg.request_retries + 1) * 4 + 60)
         self._nonce = uuid.uuid4().hex[:8]
+        self.warned = False  # the warning that every reply failed to parse is given once a run
         self.nonfinite = 0  # skipped non-finite updates in a row  # adapter names stay new across resumes of this run
 
     def push_policy(self, step: int) -> None:
@@ -124,10 +131,15 @@ class MMGRPO:
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
         seed = trajectory_seed(cfg.seed, "step", step)
         if self.workers is not None:
-            roll = self.workers.sample(self.program, batch, n_samples=cfg.group_size, params=params, seed=seed,
-                                       model=self.sampler.model, version=self.sampler.version,
-                                       format_failure_score=cfg.format_failure_score,
-                                       failure_score=cfg.failure_score, concurrency=cfg.concurrency)
+            from ..rollout_ray import RolloutWorkersFailed
+
+            try:
+                roll = self.workers.sample(self.program, batch, n_samples=cfg.group_size, params=params, seed=seed,
+                                           model=self.sampler.model, version=self.sampler.version,
+                                           format_failure_score=cfg.format_failure_score,
+                                           failure_score=cfg.failure_score, concurrency=cfg.concurrency)
+            except RolloutWorkersFailed as exc:
+                raise TrainingStopped(f"step {step}: {exc}; nothing was trained on this step.") from exc
         else:
             roll = sample(self.program, batch, self.task.reward, self.sampler, n_samples=cfg.group_size,
                           params=params, concurrency=cfg.concurrency, seed=seed,
@@ -137,7 +149,13 @@ class MMGRPO:
             raise TrainingStopped(f"step {step}: {len(roll.outages)} of {len(roll.trajectories)} rollouts could not "
                                   f"reach an LM server; nothing was trained on this step. First: "
                                   f"{roll.outages[0].error.splitlines()[0]}. Bring the server back and resume.")
+        self.keep_failures(step, roll.trajectories)
         errors = [t.error for t in roll.trajectories if t.status == ERROR]
+        if errors:
+            common = Counter(e.splitlines()[0] for e in errors).most_common(1)[0]
+            print(f"mmgrpo: step {step}: {len(errors)} of {len(roll.trajectories)} rollouts failed with an error "
+                  f"(not trained on); most common ({common[1]}x): {common[0][:300]} (all in failures.jsonl)",
+                  file=sys.stderr)
         if len(errors) > cfg.max_error_rate * len(roll.trajectories):
             first = max(sorted({e.splitlines()[0] for e in errors}), key=lambda e: sum(x.startswith(e) for x in errors))
             raise TrainingStopped(
@@ -145,6 +163,12 @@ class MMGRPO:
                 f"max_error_rate = {cfg.max_error_rate}); nothing was trained on this step. Most common error: "
                 f"{first}. Fix the cause (a server down? a crashing metric?) and resume the run.")
         grouping = group_calls(roll.by_example(), cfg.grouping, cfg.group_level)
+        if not grouping.groups and roll.counts.get(PARSE_FAILURE) == len(roll.trajectories) and not self.warned:
+            self.warned = True
+            print(f"mmgrpo: step {step}: every rollout's reply failed to parse, so no group carries signal and "
+                  f"nothing is learned; give the modules demos (task options, [prompts], or strategy = \"bootstrap "
+                  f"-> weights\"), or a format_failure_score that differs from a wrong answer's "
+                  f"(failures.jsonl has the replies)", file=sys.stderr)
         compute_advantages(grouping, cfg.scale_rewards)
         assign_weights(grouping, cfg.per_trajectory_norm, cfg.loss_denominator)
         distributed.broadcast(grouping)  # data-parallel: every rank updates on its share of it
@@ -169,6 +193,15 @@ class MMGRPO:
                 "policy_versions": versions, "rollout_s": roll.seconds, "entropy": sampled_entropy(roll.trajectories),
                 **upd, "modules": modules}
 
+    def keep_failures(self, step: int, trajectories) -> None:
+        """Every failed rollout of the step in failures.jsonl: its error, or the reply that did not parse."""
+        for t in trajectories:
+            if t.status != OK:
+                self.run.log({"step": step, "example_id": t.example_id, "sample_index": t.sample_index,
+                              "status": t.status, "error": t.error[:4000],
+                              "module": t.calls[-1].module if t.calls else None,
+                              "reply": t.calls[-1].text[:2000] if t.calls else None}, FAILURES)
+
     def checkpoint(self, step: int) -> None:
         ck = self.run.path / "checkpoints"
         name = f"step-{step:06d}"
@@ -192,6 +225,7 @@ class MMGRPO:
         if not latest.exists():
             self.run.truncate_log(-1)
             self.run.truncate_log(-1, "dev.jsonl")
+            self.run.truncate_log(-1, FAILURES)
             return 0
         name = self.intact_checkpoint(latest.read_text().strip())
         state = self.trainer.load(self.run.path / "checkpoints" / name)
@@ -200,6 +234,7 @@ class MMGRPO:
         self._restore_best(self.run.path / "checkpoints" / name / "best_adapter")
         self.run.truncate_log(state["step"])
         self.run.truncate_log(state["step"], "dev.jsonl")
+        self.run.truncate_log(state["step"], FAILURES)
         return state["step"]
 
 
@@ -260,24 +295,28 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
     ``task``: a Task made by the caller (mmgrpo.optimize) instead of the config's."""
     from ..lm.hf import HFBackend
 
-    device = distributed.setup(cfg.device)  # under torchrun / accelerate launch: join the group
+    device = distributed.setup(cfg.device, cfg.dist_timeout_s)  # under torchrun / accelerate launch: join the group
     if resume:
-        run = RunDir(resume)
-        if not (run.path / "config.json").exists():
-            raise FileNotFoundError(f"{resume} is not a run folder (no config.json)")
-        saved = with_defaults(run.read_json("config.json")["config"])
+        if not (Path(resume) / "config.json").exists():
+            raise FileNotFoundError(f"{resume} is not a run folder (no config.json): give the folder a run wrote, "
+                                    f"e.g. runs/NAME-<time>")
+        saved = with_defaults(RunDir(resume).read_json("config.json")["config"])
         want = cfg.to_json()
         diff = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k) and k not in MAY_CHANGE_ON_RESUME)
         if diff:
-            raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}")
-    elif distributed.rank() == 0:
-        run = RunDir(path) if path else RunDir.new(cfg.out, cfg.name)
-    run = RunDir(distributed.broadcast(str(run.path) if distributed.rank() == 0 else None))  # rank 0's folder
+            raise ValueError(f"--resume {resume}: the config differs from the run's saved config in {diff}; "
+                             f"`mmgrpo train --resume {resume}` alone continues with the saved one")
+    # what can fail on bad input (data, program, model) comes before the run folder: a failed start leaves none
     task = task or make_task(cfg)
     program = _load_program(cfg, task)
     backend = HFBackend.load(cfg.model, device=device, dtype=cfg.dtype, max_batch=max(cfg.concurrency, 1),
                              deterministic=cfg.deterministic, continuous=cfg.continuous_batching,
                              prefill_tokens=cfg.prefill_tokens)
+    if resume:
+        run = RunDir(resume)
+    elif distributed.rank() == 0:
+        run = RunDir(path) if path else RunDir.new(cfg.out, cfg.name)
+    run = RunDir(distributed.broadcast(str(run.path) if distributed.rank() == 0 else None))  # rank 0's folder
     if not resume and distributed.rank() == 0:
         run.write_json("config.json", {"config": cfg.to_dict(), "task_settings": task.settings,
                                        "command": sys.argv, "prompts": program.prompt_state()})
@@ -287,13 +326,20 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
 def fit(job: MMGRPO) -> dict:
     """Run (or continue) the job to cfg.steps; return the summary."""
     if not job.main:
-        return follow(job)
+        try:
+            return follow(job)
+        except BaseException:
+            distributed.abort()
+            raise
     start = job.resume()
     distributed.broadcast(start)
     try:
-        return _fit(job, start)
-    finally:
-        distributed.broadcast(None)  # the other ranks of a data-parallel run stop with rank 0
+        summary = _fit(job, start)
+    except BaseException:  # the other ranks may be inside an update's all-reduce: never meet them there
+        distributed.abort()
+        raise
+    distributed.broadcast(None)  # the other ranks of a data-parallel run stop with rank 0
+    return summary
 
 
 def follow(job: MMGRPO) -> dict:
@@ -321,12 +367,36 @@ def _fit(job: MMGRPO, start: int) -> dict:
     finally:
         if trackers is not None:
             trackers.close()
+        if job.workers is not None:  # the Ray actors end with the run
+            job.workers.close()
+            job.workers = None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: the run stops where it is; what its last checkpoint holds is kept."""
+
+    def __init__(self, run_path: Path):
+        ck = run_path / "checkpoints" / "latest"
+        kept = ck.read_text().strip() if ck.exists() else None
+        what = f"checkpoint {kept} is kept" if kept else "no step had been checkpointed"
+        super().__init__(f"stopped by Ctrl-C; {what}. Continue with: mmgrpo train --resume {run_path}")
 
 
 def _loop(job: MMGRPO, start: int, trackers) -> dict:
+    try:
+        return _steps(job, start, trackers)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(job.run.path) from None
+
+
+def _steps(job: MMGRPO, start: int, trackers) -> dict:
     from tqdm.auto import tqdm
 
     cfg = job.cfg
+    if start:
+        print(f"mmgrpo: resumed {job.run.path} from step {start}", file=sys.stderr)
     job.push_policy(start)
     if start == 0:
         rec = job.evaluate(0, "baseline")
@@ -397,7 +467,8 @@ def print_summary(job: MMGRPO, summary: dict) -> None:
                               "mismatch", "rollout s", "update s", "dev")))
     b, f = summary["baseline_dev"], summary["final_dev"]
     if b is not None and f is not None:
-        print(f"\ndev score (n={summary['dev_n']}, 95% CI): baseline {b:.3f} ± {summary['baseline_ci95']:.3f} "
-              f"-> trained {f:.3f} ± {summary['final_ci95']:.3f} (best {summary['best_dev']:.3f} "
+        half = lambda ci: "n/a" if ci is None or ci != ci else f"{ci:.3f}"  # noqa: E731 - one example: no CI
+        print(f"\ndev score (n={summary['dev_n']}, 95% CI): baseline {b:.3f} ± {half(summary['baseline_ci95'])} "
+              f"-> trained {f:.3f} ± {half(summary['final_ci95'])} (best {summary['best_dev']:.3f} "
               f"at step {summary['best_step']})")
     print(f"best adapter: {job.run.path / 'best_adapter'}")

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, Protocol, runtime_checkable
 
 
+BASE = "<base>"  # a request's variant (HFBackend): the base model, every adapter off
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy

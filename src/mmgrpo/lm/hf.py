@@ -32,10 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from . import sampling
-from .base import Completion, SamplingParams
+from .base import BASE, Completion, SamplingParams
 from .remote import chat_prompt_ids
 
-BASE = "<base>"  # a request's variant: the base model, every adapter off
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # backends whose batcher may still run
 
 
@@ -220,6 +219,16 @@ class HFBackend:
             self._cv.notify_all()
         self._worker.join(timeout=30)
         self._prefix_cache.clear()
+
+    def cancel(self) -> None:
+        """Ctrl-C: fail every waiting request and refuse new ones; the batch decoding now ends as usual.
+        The backend is closed after it."""
+        with self._cv:
+            self._closed = True
+            for r in self._pending:
+                r.future.set_exception(RuntimeError("cancelled: the run was stopped"))
+            self._pending = []
+            self._cv.notify_all()
 
     def _next_batch(self) -> list[_Request] | None:
         """Wait for the next batch (None once closed and drained); see the module docstring."""

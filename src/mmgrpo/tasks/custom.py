@@ -26,6 +26,11 @@ def program_task(program: Program, train: Sequence[Any], dev: Sequence[Any], met
 
 def task_from_paths(program: str, metric: str, train: str, dev: str, test: str | None = None,
                     reward: str | None = None) -> Task:
+    from pathlib import Path
+
+    from ..runlog import file_sha256
+
+    train, dev, test = (str(Path(p).resolve()) if p else None for p in (train, dev, test))  # from any folder
     prog = make_program(program)
     fields = program_inputs(prog)
     rows: dict[str, list[Example]] = {k: read_jsonl(p, fields) for k, p in (("train", train), ("dev", dev),
@@ -34,4 +39,6 @@ def task_from_paths(program: str, metric: str, train: str, dev: str, test: str |
                         import_object(reward, "reward") if reward else None, rows.get("test"),
                         name=program.rsplit(":", 1)[-1].rsplit(".", 1)[-1], input_fields=fields,
                         settings={"program": program, "metric": metric, "data": {"train": train, "dev": dev,
-                                                                                 "test": test}})
+                                                                                 "test": test},
+                                  "data_sha256": {k: file_sha256(p) for k, p in (("train", train), ("dev", dev),
+                                                                                 ("test", test)) if p}})

@@ -1,0 +1,89 @@
+"""The command line as a new user meets it, on real processes: a failed start leaves no run folder,
+Ctrl-C stops a run in seconds with the command that resumes it, `train --resume RUN` alone finishes it
+(a one-example dev set included), and an own program imports from the current folder."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmgrpo.cli import main
+
+HERE = Path(__file__).parent
+TOPICS = ["the sea", "music", "cats", "winter"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_text("".join(json.dumps({"id": f"t{i}", "topic": t}) + "\n" for i, t in enumerate(TOPICS)))
+    return f
+
+
+@pytest.mark.parametrize("bad", ["unknown key", "bad toml", "missing config", "empty data", "missing data",
+                                 "bad import", "resume nowhere"])
+def test_a_failed_start_leaves_no_run_folder(tmp_path, data, bad, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(HERE))
+    out = tmp_path / "runs"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text({"unknown key": "[run]\nstepz = 2\n", "bad toml": "[run\nsteps = 2\n"}.get(bad, "[run]\nsteps = 1\n"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = ["train", str(cfg if bad != "missing config" else tmp_path / "nope.toml"), "--program",
+            "toy:Nope" if bad == "bad import" else "toy:Toy", "--metric", "toy:short",
+            "--train", str(empty if bad == "empty data" else tmp_path / "no.jsonl" if bad == "missing data" else data),
+            "--dev", str(data), "--set", f"run.out={out}", "--set", "run.progress=false"]
+    if bad == "resume nowhere":
+        args += ["--resume", str(out / "not-a-run")]
+    assert main(args) == 2
+    assert "mmgrpo: error:" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_train_alone_prints_what_to_give(capsys):
+    assert main(["train"]) == 2 and "docs/configuration.md" in capsys.readouterr().err
+
+
+def _train(args, cwd, **kw):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the program is found in the current folder
+    return subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_ctrl_c_stops_in_seconds_and_resume_alone_finishes_the_run(tmp_path, data):
+    out = tmp_path / "runs"
+    args = ["--program", "toy:Toy", "--metric", "toy:short", "--train", str(data), "--dev", str(data),
+            "--set", "run.steps=4", "--set", "run.eval_examples=1", "--set", "run.eval_every=2",
+            "--set", "run.checkpoint_every=1", "--set", "rollout.batch_examples=2", "--set", "rollout.group_size=2",
+            "--set", "rollout.max_tokens=8", "--set", f"run.out={out}", "--set", "run.progress=false"]
+    proc = _train(args, HERE)
+    deadline = time.time() + 600
+    metrics = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(out.glob("*/metrics.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 1:
+            metrics = found[0]
+            break
+        time.sleep(0.2)
+    assert metrics is not None, proc.communicate()
+    time.sleep(1.0)  # into step 2
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    took = time.time() - t0
+    run = metrics.parent
+    assert proc.returncode == 130 and took < 15, (proc.returncode, took, err[-2000:])
+    assert f"Continue with: mmgrpo train --resume {run}" in err and "Traceback" not in err, err[-2000:]
+    assert not (run / "result").exists()
+    # the same command's saved config: nothing repeated; a dev set of one example has no CI, and finishes
+    done = _train(["--resume", str(run)], HERE)
+    stdout, err = done.communicate(timeout=900)
+    assert done.returncode == 0, err[-3000:]
+    assert "resumed" in err and "± n/a" in stdout and (run / "result" / "result.json").exists()
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
