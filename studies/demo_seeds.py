@@ -30,6 +30,8 @@ VARIANTS = {  # name -> --set overrides of the demo config (whose learning rate 
     "denom-informative": ["grpo.loss_denominator=informative"],
     # the registered losses beyond the clipped ratio; with one iteration a batch (the demo's) the ratio is
     # 1 and GSPO's gradient is GRPO's, CISPO's DAPO's: two iterations make them differ
+    "gspo": ["grpo.loss_type=gspo"],
+    "cispo": ["grpo.loss_type=cispo"],
     "grpo-mu2": ["grpo.num_iterations=2"],
     "gspo-mu2": ["grpo.loss_type=gspo", "grpo.num_iterations=2"],
     "cispo-mu2": ["grpo.loss_type=cispo", "grpo.num_iterations=2"],

@@ -119,17 +119,23 @@ class RaySampler:
         deadline = time.monotonic() + self.timeout_s
         while pending:
             ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:  # a worker that never answers is a failure, not a wait without end
-                for ref in pending:
-                    self.ray.cancel(ref, force=True)
-                raise RolloutWorkersFailed(f"{len(pending)} examples (first: {examples[pending[next(iter(pending))][0]].id}) "
-                                           f"got no answer from their rollout workers in {self.timeout_s:.0f} s")
+            if not ready:  # a worker that never answers is a failure, not a wait without end: replaced
+                for ref, (_, w, actor, _) in pending.items():
+                    if self.workers[w] is actor:
+                        self.ray.kill(actor)
+                        self.workers[w] = self._start()
+                first = examples[next(iter(pending.values()))[0]].id
+                raise RolloutWorkersFailed(f"{len(pending)} examples (first: {first}) got no answer from their "
+                                           f"rollout workers in {self.timeout_s:.0f} s")
             k, w, actor, tries = pending.pop(ready[0])
             try:
                 done[k] = self.ray.get(ready[0])
             except self.ray.exceptions.RayTaskError as exc:  # the worker's code raised: not the policy's doing
                 for ref in pending:
-                    self.ray.cancel(ref, force=True)
+                    try:
+                        self.ray.cancel(ref)
+                    except Exception:  # noqa: BLE001 - already finished or gone
+                        pass
                 raise RolloutWorkersFailed(f"example {examples[k].id}: its rollout worker raised "
                                            f"{str(exc).strip().splitlines()[-1][:300]}") from exc
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as exc:
