@@ -379,6 +379,58 @@ def test_every_serve_endpoint_answers_every_body_well_formed(quick_server, path,
     assert post(port, "/v1/completions", json.dumps({"prompt": [1, 2], "max_tokens": 1}).encode())[0] == 200
 
 
+@fuzz(300)
+@given(length=st.one_of(st.integers(-10**6, 10**12).map(str), st.text(max_size=8), st.none(),
+                        st.sampled_from(["-1", " 5", "1e3", "0x10", "", "99999999999999999999"])),
+       extra=st.binary(max_size=64), body=st.sampled_from([b'{"prompt": [1, 2], "max_tokens": 1}', b"{", b""]))
+def test_any_content_length_is_answered_without_reading_past_it(quick_server, length, extra, body):
+    """Missing, negative, non-numeric and huge lengths, with bytes after the body: a clear status,
+    never a body read to the end of the stream, never a hung connection."""
+    import socket
+
+    counted("serve endpoints")
+    port = quick_server.server_address[1]
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+    if length is not None:
+        head += b"Content-Length: " + length.encode("utf-8", "replace").replace(b"\r", b"").replace(b"\n", b"") \
+            + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head + b"\r\n" + body + extra)
+        sock.shutdown(socket.SHUT_WR)
+        status = sock.recv(65536).split(b"\r\n", 1)[0]
+    code = int(status.split(b" ")[1])
+    assert code in (200, 400, 411, 413), status
+    if length is None:
+        assert code == 411
+    elif not length.strip().isdigit():
+        assert code in (400, 411), (length, status)
+
+
+@fuzz(20)
+@given(stall=st.sampled_from([b"", b"POST /v1/completions HTTP/1.1\r\n", b"POST /v1/completions HTTP/1.1\r\n"
+                              b"Content-Length: 50\r\n\r\n{"]))
+def test_a_silent_client_is_let_go_and_the_server_answers_others(slow_client_server, stall):
+    import socket
+    import time
+
+    counted("serve endpoints")
+    port = slow_client_server.server_address[1]
+    t0 = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(stall)
+        assert post(port, "/v1/completions", json.dumps({"prompt": [1, 2], "max_tokens": 1}).encode())[0] == 200
+        while sock.recv(65536):  # the server closes it after its read timeout (or answers 408 first)
+            pass
+    assert time.time() - t0 < 25
+
+
+@pytest.fixture(scope="module")
+def slow_client_server(lm):
+    server = serve.start(QuickBackend(lm), limits=serve.Limits(read_timeout_s=1.0))
+    yield server
+    server.shutdown()
+
+
 def test_bad_requests_never_fail_good_ones_batched_with_them(lm):
     """The real model: greedy good requests, sent while a flood of bad and edge-case ones (long
     prompts near the context limit included) arrives, each get exactly their solo answer."""

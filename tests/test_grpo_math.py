@@ -253,3 +253,30 @@ def test_per_trajectory_off_gives_every_call_weight_one(trajs):
     assert any(m.weight != 1.0 for m in g.members)
     assign_weights(g, per_trajectory=False)
     assert all(m.weight == 1.0 for m in g.members)
+
+
+def test_learning_rate_schedules_by_value():
+    from mmgrpo.grpo.config import TrainConfig
+    from mmgrpo.grpo.trainer import lr_lambda
+
+    f = lr_lambda(TrainConfig(steps=10, warmup_steps=2, lr_schedule="linear"))
+    assert [f(s) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    g = lr_lambda(TrainConfig(steps=10, warmup_steps=2, lr_schedule="cosine"))
+    assert [g(s) for s in (0, 2, 6, 10)] == pytest.approx([0.5, 1.0, 0.5, 0.0])
+    h = lr_lambda(TrainConfig(steps=10, lr_schedule="constant"))
+    assert {h(s) for s in range(12)} == {1.0}
+
+
+def test_batches_cover_each_epoch_once_in_a_fresh_order():
+    from mmgrpo.grpo.run import batch_for_step
+    from mmgrpo.program import Example
+
+    train = [Example(f"e{i}", {"x": i}) for i in range(10)]
+    ids = lambda step: [e.id for e in batch_for_step(train, step, 3, seed=4)]  # noqa: E731
+    epoch1 = [i for s in (1, 2, 3) for i in ids(s)]  # 3 batches of 3 an epoch; one example left out
+    epoch2 = [i for s in (4, 5, 6) for i in ids(s)]
+    assert len(set(epoch1)) == 9 and len(set(epoch2)) == 9 and epoch1 != epoch2
+    assert ids(4) == ids(4) and ids(7) != ids(4)  # a function of the step alone
+    assert sorted(e.id for e in batch_for_step(train, 1, 50, seed=4)) == sorted(e.id for e in train)  # all 10
+    with pytest.raises(ValueError, match="training split is empty"):
+        batch_for_step([], 1, 3, seed=0)

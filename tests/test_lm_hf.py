@@ -8,7 +8,7 @@ from mmgrpo import trace
 from mmgrpo.lm.base import SamplingParams, using
 from mmgrpo.lm.hf import BASE
 from mmgrpo.models import ModelNotFound, load, resolve
-from mmgrpo.program import Example, Module, Program
+from mmgrpo.program import Example, Module, ParseError, Program
 from mmgrpo.rollout import sample
 
 
@@ -25,7 +25,7 @@ def test_trace_records_the_exact_sampled_ids_and_they_round_trip(lm):
     with using(lm, SamplingParams(temperature=1.0, max_tokens=24)), trace.recording(traj):
         try:
             Ask()(question="What is the capital of France?")
-        except Exception:
+        except ParseError:  # a reply that does not parse is still recorded; any other error fails the test
             pass
     call = traj.calls[0]
     assert call.prompt_ids == lm.tokenize_chat(call.messages)

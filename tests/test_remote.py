@@ -278,7 +278,9 @@ def free_port() -> int:
 def start_server(port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "serve", "--port", str(port), "--device", "cpu",
-                             "--dtype", "float32", "--adapter-root", tempfile.gettempdir()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--dtype", "float32", "--adapter-root", tempfile.gettempdir(),
+                             "--no-continuous-batching"],  # rows of a batch start together, as in-process
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline:
         try:

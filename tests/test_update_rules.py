@@ -192,3 +192,26 @@ def test_truncated_calls_are_kept_in_the_trace_and_counted_per_module():
     stats = module_stats(res.trajectories, group_calls(res.by_example()))
     assert sum(s["truncated"] for s in stats.values()) == len(cut)
     backend.close()
+
+
+def test_an_evaluation_after_no_update_reuses_the_last_scores(tmp_path):
+    from mmgrpo.grpo.run import MMGRPO
+    from mmgrpo.runlog import RunDir
+
+    backend = tiny_backend()
+    task = toy_task()
+    job = MMGRPO(TrainConfig(task="toy", progress=False, max_tokens=4), task, task.make_program(), backend,
+                 RunDir(tmp_path / "run"))
+    job.sampler = Budgets(backend)
+    first = job.evaluate(0)
+    calls = len(job.sampler.seen)
+    again = job.evaluate(4)  # no update in between
+    assert len(job.sampler.seen) == calls and again["dev"] == first["dev"] and again["reused_from_step"] == 0
+    backend.weights_changed()  # an update
+    job.evaluate(8)
+    assert len(job.sampler.seen) > calls
+    job.program.pick.instruction = "Answer with one word."  # new prompts, the same weights
+    seen = len(job.sampler.seen)
+    job.evaluate(12)
+    assert len(job.sampler.seen) > seen
+    backend.close()

@@ -7,28 +7,14 @@ is taken as it is. A malformed row is an error naming its file and line.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .program import Example, Program
+from .program import Example, Program, program_inputs, spec_of  # noqa: F401 - re-exported
 from .textfiles import lines
-
-
-def program_inputs(program: Any) -> list[str] | None:
-    """The named parameters of the program's forward (None when it takes **kwargs only)."""
-    if getattr(program, "input_fields", None):  # a wrapper that knows its program's inputs
-        return list(program.input_fields)
-    fn = getattr(program, "forward", None) or program
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
-    return names or None
 
 
 def to_example(row: Any, input_fields: Sequence[str] | None, where: str) -> Example:
@@ -140,14 +126,3 @@ def as_program(obj: Any) -> Any:
 
         return DSPyProgram(obj)
     return obj
-
-
-def spec_of(obj: Any) -> str | None:
-    """The import path that rebuilds ``obj``'s class (or function), when it has one."""
-    if getattr(obj, "import_spec", None):  # a wrapper that knows what it wraps
-        return obj.import_spec
-    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
-    mod, name = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
-    if not mod or "<" in name or mod == "__main__":
-        return None
-    return f"{mod}:{name}"

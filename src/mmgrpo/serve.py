@@ -162,7 +162,7 @@ class Server:
         except (OSError, ValueError, RuntimeError):
             inside = False
         if not inside:  # says nothing of what exists outside the root
-            raise BadRequest(f"'lora_path' must be a folder under this server's adapter root (--adapter-root)",
+            raise BadRequest("'lora_path' must be a folder under this server's adapter root (--adapter-root)",
                              403, "PermissionDeniedError")
         missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (folder / f).is_file()]
         if missing:

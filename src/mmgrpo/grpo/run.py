@@ -87,6 +87,7 @@ class MMGRPO:
                                       cfg.ray_address,
                                       timeout_s=cfg.request_timeout_s * (cfg.request_retries + 1) * 4 + 60)
         self._nonce = uuid.uuid4().hex[:8]
+        self.last_eval: tuple[tuple, dict] | None = None  # ((weights version, prompts), record) of the last dev eval
         self.warned = False  # the warning that every reply failed to parse is given once a run
         self.nonfinite = 0  # skipped non-finite updates in a row  # adapter names stay new across resumes of this run
 
@@ -105,8 +106,12 @@ class MMGRPO:
 
     def evaluate(self, step: int, desc: str = "dev") -> dict:
         known = self.known_dev.pop(step, None)
+        state = (self.backend.version, json.dumps(self.program.prompt_state(), sort_keys=True, default=str))
+        unchanged = self.last_eval is not None and self.last_eval[0] == state
         if known is not None:
             rec = {"step": step, **known, "eval_s": 0.0}
+        elif unchanged:  # no update and no new prompts since the last evaluation: the same scores (greedy)
+            rec = {**self.last_eval[1], "step": step, "eval_s": 0.0, "reused_from_step": self.last_eval[1]["step"]}
         else:
             res = evaluate(self.program, self.dev, self.task.metric, self.sampler, concurrency=self.cfg.concurrency,
                            max_tokens=self.cfg.eval_tokens, seed=self.cfg.seed, progress=self.cfg.progress,
@@ -120,6 +125,8 @@ class MMGRPO:
             rec = {"step": step, "dev": res.mean, "dev_ci95": res.ci95, "dev_n": res.n, "dev_counts": res.counts,
                    "dev_errors": res.errors, "eval_max_tokens": res.max_tokens, "eval_s": res.seconds}
         self.run.log(rec, "dev.jsonl")
+        if not unchanged:
+            self.last_eval = (state, {k: v for k, v in rec.items() if k != "reused_from_step"})
         if rec["dev"] > self.best["dev"]:  # kept in the next checkpoint too, so a resume finds the one it names
             self.best = {"dev": rec["dev"], "step": step}
             self.trainer.save_adapter(self.run.path / "best_adapter")

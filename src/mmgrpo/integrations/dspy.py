@@ -26,8 +26,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from .. import trace
 from ..lm.base import LM, SamplingParams, current_params, _current_lm
-from ..data import program_inputs, spec_of
-from ..program import Example, ParseError, Prediction, Program
+from ..program import Example, ParseError, Prediction, Program, program_inputs, spec_of
 from ..trace import ModuleCall
 
 

@@ -49,6 +49,15 @@ class Completion:
     finish_reason: str = "stop"  # "stop" | "length"
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt token ids of chat messages: the tokenizer's chat template, generation prompt on.
+    Every backend tokenizes this way, so a prompt is the same ids in-process and on a server."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 @runtime_checkable
 class LM(Protocol):
     """What a Module needs from an engine."""

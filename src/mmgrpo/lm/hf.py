@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sampling
-from .base import BASE, Completion, SamplingParams
-from .remote import chat_prompt_ids
+from .base import BASE, Completion, SamplingParams, chat_prompt_ids
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # backends whose batcher may still run
 

@@ -17,18 +17,10 @@ import threading
 import zlib
 from pathlib import Path
 
-from .base import Completion, SamplingParams
+from .base import Completion, SamplingParams, chat_prompt_ids
 from .openai import HTTPJSON, LMServerError
 
 TOKEN_ID_PREFIX = "token_id:"
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt token ids of chat messages: the tokenizer's chat template, generation prompt on."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def completion_body(model: str, prompt_ids: list[int], params: SamplingParams) -> dict:
