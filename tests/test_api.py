@@ -162,7 +162,7 @@ def test_sections_are_checked_and_old_flat_keys_say_where_they_moved(tmp_path):
         load_config(f)
     with pytest.raises(ValueError, match=r"--set run.steps=3"):
         load_config(None, ["steps=3"])
-    with pytest.raises(ValueError, match="'dtype': must be auto, float32, bfloat16 or float16"):
+    with pytest.raises(ValueError, match="'dtype': must be one of auto, float32, bfloat16, float16, got 'float8'"):
         load_config(None, ["model.dtype=float8"])
 
 

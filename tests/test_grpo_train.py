@@ -107,7 +107,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"key 'servers' must be of type list\[str\]"):
         load_config(bad)
     bad.write_text('[grpo]\nprefix_attention = "flash"\n')
-    with pytest.raises(ValueError, match="'prefix_attention': must be packed or cache"):
+    with pytest.raises(ValueError, match="'prefix_attention': must be one of packed, cache, got 'flash'"):
         load_config(bad)
     bad.write_text('[rollout]\ngroup_size = 1\n')
     with pytest.raises(ValueError, match="'group_size': must be >= 2"):

@@ -126,7 +126,8 @@ class MMGRPO:
                    "dev_errors": res.errors, "eval_max_tokens": res.max_tokens, "eval_s": res.seconds}
         self.run.log(rec, "dev.jsonl")
         if not unchanged:
-            self.last_eval = (state, {k: v for k, v in rec.items() if k != "reused_from_step"})
+            # a copy names the step it repeats, not where that step's score came from
+            self.last_eval = (state, {k: v for k, v in rec.items() if k not in ("reused_from_step", "reused_from")})
         if rec["dev"] > self.best["dev"]:  # kept in the next checkpoint too, so a resume finds the one it names
             self.best = {"dev": rec["dev"], "step": step}
             self.trainer.save_adapter(self.run.path / "best_adapter")
