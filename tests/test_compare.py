@@ -58,10 +58,14 @@ def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
             assert len(full["test_scores"]) == full["test_n"] == origin["test_n"]
         assert any(r.startswith("test:") for r in full["reused_scores"]) == kept
         assert arms[name]["test_scores"] == full["test_scores"]  # results.json keeps per-example scores
-    # one LM call per Banking77 program: the weights arm spent 2 x 4 rollouts, 4 dev runs at step 1 and,
-    # unless dev kept the start, 5 test runs (no step-0 or final dev evaluation of its own)
+    # one LM call per Banking77 program: the weights arm spent 2 x 4 rollouts, 4 dev runs at step 1 unless
+    # step 1 had no update (its dev record then repeats step 0's), and unless dev kept the start, 5 test runs
+    # (no step-0 or final dev evaluation of its own)
     kept = json.loads((root / "weights" / "summary.json").read_text())["best_step"] == 0
-    assert arms["weights"]["lm_calls"] == 8 + 4 + (0 if kept else 5)
+    step1 = json.loads((root / "weights" / "dev.jsonl").read_text().splitlines()[1])
+    updated = json.loads((root / "weights" / "metrics.jsonl").read_text().splitlines()[0])["updated"]
+    assert ("reused_from_step" in step1) == (not updated)
+    assert arms["weights"]["lm_calls"] == 8 + (4 if updated else 0) + (0 if kept else 5)
     # the report of a compare folder: the arms side by side, the test table, each training arm's plots
     assert main(["report", str(root)]) == 0
     page = (root / "report.html").read_text()
