@@ -359,8 +359,9 @@ def test_training_through_mmgrpo_serve_matches_in_process_and_survives_an_outage
                 proc.kill()
             return short(ex, pred)
 
-        # one program at a time, so that the rollouts after the 3rd of step 2 still need the server
-        cfg = toy_config(servers=[url], request_retries=1, request_backoff_s=0.05, concurrency=1)
+        # one program at a time, so that the rollouts after the 3rd of step 2 still need the server; importance
+        # sampling off, as in the run it is compared with
+        cfg = toy_config(servers=[url], tis_cap="off", request_retries=1, request_backoff_s=0.05, concurrency=1)
         with pytest.raises(TrainingStopped, match="could not reach an LM server"):
             run_toy(cfg, tmp_path / "outage", reward_killing_the_server)
         assert [r["step"] for r in RunDir(tmp_path / "outage").read_log()] == [1]
