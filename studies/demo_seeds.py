@@ -35,6 +35,9 @@ VARIANTS = {  # name -> --set overrides of the demo config (whose learning rate 
     "grpo-mu2": ["grpo.num_iterations=2"],
     "gspo-mu2": ["grpo.loss_type=gspo", "grpo.num_iterations=2"],
     "cispo-mu2": ["grpo.loss_type=cispo", "grpo.num_iterations=2"],
+    # the model in bfloat16 (dtype auto on a CPU with native bf16) with the update kernel chosen from the
+    # shapes, against denom-batch: the same run in float32 with the "packed" kernel
+    "bf16": ["model.dtype=bfloat16", "grpo.loss_denominator=batch"],
 }
 
 
@@ -74,7 +77,8 @@ def read(folder: Path) -> dict:
             "wall_s": round(sum(d.get("eval_s", 0) for d in dev) + sum(s.get("rollout_s", 0) + s.get("update_s", 0)
                                                                         for s in steps)),
             "reward_by_step": [round(s["reward_mean"], 3) for s in steps],
-            "entropy_by_step": [round(s["entropy"], 3) for s in steps]}
+            "entropy_by_step": [round(s["entropy"], 3) for s in steps],
+            "mismatch_by_step": [round(s["mismatch_mean"], 5) for s in steps if "mismatch_mean" in s]}
 
 
 def main() -> None:

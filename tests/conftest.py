@@ -14,7 +14,9 @@ from mmgrpo.lm.base import Completion, SamplingParams
 def lm():
     from mmgrpo.lm.hf import HFBackend
 
-    return HFBackend.load("smollm2-135m", max_wait_s=0.05)
+    # float32: these tests compare two computations of one thing (a row alone and in a batch, the sampler
+    # and the learner) to 1e-5; bfloat16 (dtype auto on a CPU with native bf16) rounds each to ~3 digits
+    return HFBackend.load("smollm2-135m", max_wait_s=0.05, dtype="float32")
 
 
 class ScriptedLM:

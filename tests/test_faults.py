@@ -28,7 +28,7 @@ from mmgrpo.trace import ModuleCall  # noqa: E402
 
 @pytest.fixture(scope="module")
 def backend():
-    b = HFBackend.load()
+    b = HFBackend.load(dtype="float32")
     yield b
     b.close()
 

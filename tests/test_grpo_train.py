@@ -30,7 +30,7 @@ HERE = Path(__file__).parent
 def test_mmgrpo_raises_the_reward_of_a_two_module_program(tmp_path):
     task = toy_task()
     program = task.make_program()
-    lm = HFBackend.load()  # its own copy: training injects LoRA into the model
+    lm = HFBackend.load(dtype="float32")  # its own copy: training injects LoRA into the model
     cfg = TrainConfig(task="toy", steps=4, batch_examples=4, group_size=8, max_tokens=16, learning_rate=1e-3,
                       eval_every=100, checkpoint_every=100, progress=False)
     job = MMGRPO(cfg, task, program, lm, RunDir(tmp_path))
@@ -107,7 +107,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"key 'servers' must be of type list\[str\]"):
         load_config(bad)
     bad.write_text('[grpo]\nprefix_attention = "flash"\n')
-    with pytest.raises(ValueError, match="'prefix_attention': must be one of packed, cache, got 'flash'"):
+    with pytest.raises(ValueError, match="'prefix_attention': must be one of auto, packed, cache, got 'flash'"):
         load_config(bad)
     bad.write_text('[rollout]\ngroup_size = 1\n')
     with pytest.raises(ValueError, match="'group_size': must be >= 2"):
@@ -139,7 +139,7 @@ def _rollouts(lm, temperature=0.7, seed=5):
 
 
 def test_sampler_and_trainer_agree_at_temperature_and_tis_corrects_a_real_gap():
-    lm = HFBackend.load()
+    lm = HFBackend.load(dtype="float32")
     cfg = TrainConfig(task="toy", max_tokens=12, temperature=0.7, learning_rate=1e-3, tis_cap=1.0, progress=False)
     trainer = Trainer(lm, cfg)
     grouping = _rollouts(lm)
@@ -166,12 +166,12 @@ def test_sampler_and_trainer_agree_at_temperature_and_tis_corrects_a_real_gap():
 
 
 def test_a_second_iteration_moves_the_ratio_and_the_kl():
-    grouping = _rollouts(HFBackend.load(), temperature=1.0, seed=11)
+    grouping = _rollouts(HFBackend.load(dtype="float32"), temperature=1.0, seed=11)
     recs = {}
     for mu in (1, 2):
         cfg = TrainConfig(task="toy", max_tokens=12, learning_rate=2e-3, beta=0.05, epsilon=0.02, num_iterations=mu,
                           loss_type="dapo", progress=False, seed=1)
-        recs[mu] = Trainer(HFBackend.load(), cfg).update(grouping)
+        recs[mu] = Trainer(HFBackend.load(dtype="float32"), cfg).update(grouping)
     # a fresh adapter is zero: with one iteration policy = old = reference, exactly
     assert recs[1]["kl"] == 0 and recs[1]["ratio_dev"] == 0 and recs[1]["clip_frac"] == 0
     assert recs[2]["kl"] > 0 and recs[2]["ratio_dev"] > 0 and recs[2]["clip_frac"] > 0, recs[2]
@@ -187,7 +187,7 @@ def test_error_rollouts_stop_the_run_before_training_and_it_resumes(tmp_path):
     cfg = TrainConfig(task="toy", steps=2, batch_examples=2, group_size=2, max_tokens=8, eval_every=100,
                       eval_examples=2, checkpoint_every=100, progress=False)
     task.reward = judge_down
-    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(), RunDir(tmp_path))
+    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(dtype="float32"), RunDir(tmp_path))
     before = {k: v.clone() for k, v in job.trainer.model.named_parameters() if v.requires_grad}
     with pytest.raises(TrainingStopped, match=r"[34] of 4 rollouts failed.*ConnectionError: judge at 127.0.0.1:9.*--resume"):
         fit(job)
@@ -196,7 +196,7 @@ def test_error_rollouts_stop_the_run_before_training_and_it_resumes(tmp_path):
     assert RunDir(tmp_path).read_log() == []
 
     task.reward = short  # the judge is back: the same folder resumes and finishes
-    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(), RunDir(tmp_path))
+    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(dtype="float32"), RunDir(tmp_path))
     fit(job)
     assert [r["step"] for r in RunDir(tmp_path).read_log()] == [1, 2]
     assert [r["step"] for r in RunDir(tmp_path).read_log("dev.jsonl")] == [0, 2]

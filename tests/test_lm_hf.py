@@ -82,6 +82,35 @@ def test_prefill_chunks_are_bounded_by_tokens_and_decode_the_same(lm):
     assert [o.token_ids for o in after] == [o.token_ids for o in before]
 
 
+def test_rows_asking_the_same_prompt_are_prefilled_once_and_sample_as_alone():
+    """The G samples of an example ask with one prompt: it is prefilled once (the prefill passes hold
+    one row per distinct prompt) and each row draws what it draws without the sharing."""
+    from conftest import tiny_backend
+
+    lm = tiny_backend()
+    base = [lm.tokenize_chat([{"role": "user", "content": f"Question {i}: " + "why? " * (3 + 4 * i)}])
+            for i in range(3)]
+    prompts = [p for p in base for _ in range(4)]
+    params = [SamplingParams(temperature=1.0, max_tokens=8, seed=k) for k in range(len(prompts))]
+    runs, rows = {}, {}
+    for share in (False, True):
+        lm.share_prompts = share
+        lm._prefix_cache.clear()
+        sizes = []
+        hook = lm.model.register_forward_pre_hook(
+            lambda mod, args, kw: sizes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+        try:
+            runs[share] = lm.generate_batch(prompts, params)
+        finally:
+            hook.remove()
+        rows[share] = sum(b for b, n in sizes if n > 1)
+    assert rows[False] - rows[True] == len(prompts) - len(base)  # (the shared chat-template prefix: once, kept)
+    for a, b in zip(runs[True], runs[False]):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+    lm.close()
+
+
 def test_chunks_split_sorted_rows_by_count_and_padded_tokens():
     from mmgrpo.lm.hf import _chunks
 
@@ -171,7 +200,7 @@ held = {}
 atexit.register(lambda: print("batcher alive at exit:", held["lm"]._worker.is_alive(), flush=True))
 from mmgrpo.lm.base import SamplingParams
 from mmgrpo.lm.hf import HFBackend
-held["lm"] = lm = HFBackend.load("smollm2-135m")
+held["lm"] = lm = HFBackend.load("smollm2-135m", dtype="float32")
 print(lm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0.0, max_tokens=4)).text, flush=True)
 """
 

@@ -71,7 +71,7 @@ def test_pack_mask_positions_and_predictors():
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def trainers(request):
-    lm = HFBackend.load()
+    lm = HFBackend.load(dtype="float32")  # exactness at 1e-5: bf16 rounds to 3 digits
     lm.model.set_attn_implementation(request.param)  # eager adds the mask to the scores: must be 0/-inf
     packed = Trainer(lm, TrainConfig(shared_prefix=True, pack_tokens=256, seed=5))
     torch.manual_seed(0)
@@ -133,11 +133,16 @@ def test_shared_prefix_gives_the_same_loss_and_gradients_as_padding(trainers, pr
     assert den > 0 and num / den < 1e-3, (num, den)
 
 
-def test_attention_without_a_block_mask_is_refused_with_a_clear_error():
-    lm = HFBackend.load()
+def test_attention_without_a_block_mask_is_refused_for_packed_and_auto_picks_the_cache():
+    lm = HFBackend.load(dtype="float32")
     lm.model.config._attn_implementation = "flash_attention_2"  # as a GPU user might load it
     with pytest.raises(ValueError, match="shared_prefix = true needs 'sdpa' or 'eager' attention"):
-        Trainer(lm, TrainConfig(shared_prefix=True))
+        Trainer(lm, TrainConfig(shared_prefix=True, prefix_attention="packed"))
+    trainer = Trainer(HFBackend.load(dtype="float32"), TrainConfig(shared_prefix=True))
+    trainer.attn = "flash_attention_2"
+    seqs = [([1, 2, 3, 4], [5, 6]), ([1, 2, 3, 4], [7])]
+    trainer.plan(seqs)
+    assert trainer.kernel == "cache"
 
 
 def test_the_frozen_view_is_the_base_model_whatever_the_adapter(trainers):
@@ -212,3 +217,20 @@ def test_a_long_forward_is_recomputed_in_the_backward_pass_with_the_same_gradien
 def test_recompute_tokens_must_not_be_negative():
     with pytest.raises(ValueError, match="recompute_tokens"):
         TrainConfig(recompute_tokens=-1)
+
+
+def test_auto_packs_prefixes_that_fit_a_row_and_caches_longer_ones():
+    from conftest import tiny_backend
+
+    trainer = Trainer(tiny_backend(), TrainConfig(shared_prefix=True, pack_tokens=64))
+    short = [([7] * 20 + [i], [5, 6]) for i in range(4)]  # 20 shared tokens + 4 calls of 3: one 33-token row
+    batches = trainer.plan(short)
+    assert trainer.kernel == "packed" and sorted(i for mb in batches for i in mb) == [0, 1, 2, 3]
+    long = [([7] * 80 + [i], [5, 6]) for i in range(4)]  # an 80-token prefix cannot share a 64-token row
+    batches = trainer.plan(long)
+    assert trainer.kernel == "cache" and sorted(i for mb in batches for i in mb) == [0, 1, 2, 3]
+    logp, mask = trainer.logprobs(long)  # by the kernel chosen
+    assert logp.shape[0] == 4 and int(mask.sum()) == 8
+    fixed = Trainer(tiny_backend(), TrainConfig(shared_prefix=True, pack_tokens=64, prefix_attention="packed"))
+    fixed.plan(long)
+    assert fixed.kernel == "packed"  # a kernel named in the config is kept

@@ -74,7 +74,7 @@ class Clients:
 class HFBackend:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_wait_s: float = 0.05, device: str | None = None,
                  prefix_cache_size: int = 4, prefill_chunk: int = 8, prefill_tokens: int = 8192,
-                 deterministic: bool = True, continuous: bool = False):
+                 deterministic: bool = True, continuous: bool = False, share_prompts: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -93,6 +93,7 @@ class HFBackend:
         self.min_prefix = 16
         self.prefill_chunk = prefill_chunk
         self.prefill_tokens = prefill_tokens  # a chunk's rows x its longest row stay under this (0: rows only)
+        self.share_prompts = share_prompts  # rows asking the same prompt share its prefill (see _prefill)
         self._prefix_cache: dict[tuple, list] = {}
         self._cv = threading.Condition()  # guards _pending, _active, _closed
         self._pending: list[_Request] = []
@@ -337,11 +338,13 @@ class HFBackend:
     def _prefill(self, prompts, max_new: int, adapter: str | None):
         """Build the batch's cache and last-token logits.
 
-        A prefix shared by all rows is computed once (and kept across batches). The rest of
-        each prompt is prefilled in chunks of rows sorted by length (at most prefill_chunk rows and
-        prefill_tokens padded tokens, see `_chunks`), so padding and activations stay small,
-        then right-aligned into one preallocated StaticCache: a growing cache would re-copy
-        itself at every decoding step, which made batch-32 decoding memory-bound.
+        A prefix shared by all rows is computed once (and kept across batches), and so is each
+        distinct prompt (``share_prompts``: the G samples of one example ask with the same prompt):
+        its keys/values are copied to every row that asks it. The rest of each distinct prompt is
+        prefilled in chunks of rows sorted by length (at most prefill_chunk rows and prefill_tokens
+        padded tokens, see `_chunks`), so padding and activations stay small, then right-aligned into
+        one preallocated StaticCache: a growing cache would re-copy itself at every decoding step,
+        which made batch-32 decoding memory-bound.
         """
         from transformers import DynamicCache, StaticCache
 
@@ -355,27 +358,34 @@ class HFBackend:
         if P < self.min_prefix:
             P = 0
         prefix = self._prefix_kv(prompts[0][:P], adapter) if P else None
-        lens = [len(p) - P for p in prompts]
+        # rows asking the same prompt: computed once (members[u]: the rows of distinct prompt u)
+        members: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            members.setdefault(tuple(p) if self.share_prompts else (i,), []).append(i)
+        groups = list(members.values())
+        self.stats["shared_prompt_rows"] = self.stats.get("shared_prompt_rows", 0) + B - len(groups)
+        lens = [len(prompts[g[0]]) - P for g in groups]
         S = max(lens)
         mask = torch.zeros((B, P + S + max_new), dtype=torch.long, device=self.device)
         mask[:, :P] = 1
         last_pos = torch.zeros((B, 1), dtype=torch.long, device=self.device)
         logits = [None] * B
         cache = StaticCache(config=self.model.config, max_cache_len=P + S + max_new)
-        order = sorted(range(B), key=lambda i: lens[i])
+        order = sorted(range(len(groups)), key=lambda u: lens[u])
         for rows in _chunks(order, lens, self.prefill_chunk, self.prefill_tokens):
-            b, Sc = len(rows), max(lens[i] for i in rows)
+            b, Sc = len(rows), max(lens[u] for u in rows)
             ids = torch.full((b, Sc), self.pad_id, dtype=torch.long)
             cmask = torch.zeros((b, P + Sc), dtype=torch.long)
             cmask[:, :P] = 1
             pos = torch.full((b, Sc), P, dtype=torch.long)
-            for j, i in enumerate(rows):
-                n = lens[i]
-                ids[j, Sc - n:] = torch.tensor(prompts[i][P:])
+            for j, u in enumerate(rows):
+                n = lens[u]
+                ids[j, Sc - n:] = torch.tensor(prompts[groups[u][0]][P:])
                 cmask[j, P + Sc - n:] = 1
                 pos[j, Sc - n:] = torch.arange(P, P + n)
-                mask[i, P + S - n:P + S] = 1
-                last_pos[i, 0] = P + n - 1
+                for i in groups[u]:
+                    mask[i, P + S - n:P + S] = 1
+                    last_pos[i, 0] = P + n - 1
             chunk = DynamicCache()
             if prefix is not None:
                 for li, (k, v) in enumerate(prefix):
@@ -383,17 +393,22 @@ class HFBackend:
             out = self.model(input_ids=ids.to(self.device), attention_mask=cmask.to(self.device),
                              position_ids=pos.to(self.device), cache=chunk, use_cache=True,
                              logits_to_keep=1)
-            for j, i in enumerate(rows):
-                logits[i] = out.logits[j, -1].float()  # stays on the device: sampling runs there
-            idx = torch.tensor(rows, device=self.device)
+            src = [j for j, u in enumerate(rows) for _ in groups[u]]
+            dst = [i for u in rows for i in groups[u]]
+            last = out.logits[:, -1].float()  # stays on the device: sampling runs there
+            for j, i in zip(src, dst):
+                logits[i] = last[j]
+            src_idx = torch.tensor(src, device=self.device)
+            dst_idx = torch.tensor(dst, device=self.device)
             for layer, part in zip(cache.layers, chunk.layers):  # written in place: no second copy
                 if not layer.is_initialized:  # (B, heads, P + S + max_new, dim) zeros
                     layer.lazy_initialization(part.keys[:1].expand(B, -1, -1, -1),
                                               part.values[:1].expand(B, -1, -1, -1))
                 for name in ("keys", "values"):  # right-align: columns P+S-Sc .. P+S
-                    dst, src = getattr(layer, name), getattr(part, name)
-                    dst[idx, :, :P] = src[:, :, :P]
-                    dst[idx, :, P + S - Sc:P + S] = src[:, :, P:]
+                    dst_t, src_t = getattr(layer, name), getattr(part, name)
+                    if P:
+                        dst_t[dst_idx, :, :P] = src_t[src_idx, :, :P]
+                    dst_t[dst_idx, :, P + S - Sc:P + S] = src_t[src_idx, :, P:]
             del out, chunk
         for layer in cache.layers:
             layer.cumulative_length.fill_(P + S)
