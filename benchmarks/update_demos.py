@@ -48,7 +48,7 @@ def main():
     lm = HFBackend.load()
     task = get_task("multihop", first_k=1)
     program = task.make_program()
-    program.load_prompt_state(json.loads(Path(args.prompts).read_text())["prompts"])
+    program.load_prompt_state(json.loads(Path(args.prompts).read_text()))
     trainer = Trainer(lm, TrainConfig(group_size=args.group_size, max_tokens=48))
     t0 = time.perf_counter()
     roll = sample(program, task.train[:args.examples], task.reward, lm, n_samples=args.group_size,
