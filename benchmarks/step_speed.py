@@ -1,13 +1,15 @@
-"""One full mmGRPO step (rollouts + update) and a dev evaluation of 30 programs, on three task shapes,
-by the fp32 path (model in float32, every row prefilled on its own, the "packed" update kernel) and by
-the defaults (dtype "auto": bfloat16 on a CPU that computes it natively; rows asking the same prompt
-prefilled once; the update kernel chosen from the shapes), one after the other in one process.
+"""One full mmGRPO step (rollouts + update) and a dev evaluation of 30 programs, on three task shapes, by
+three paths one after the other in one process: "before" (float32, every row prefilled on its own, the
+"packed" update kernel), "defaults" (rows asking the same prompt prefilled once; the update kernel chosen
+from the shapes; float32 on a CPU) and "bf16" (the defaults with `model.dtype = "bfloat16"`, faster on a
+CPU with native bf16, not the default there: see docs/performance.md).
 
-Usage: python benchmarks/step_speed.py [--shapes banking77 many-hop papillon] [--eval 30] [--repeats 1]
+Usage: python benchmarks/step_speed.py [--shapes banking77 many-hop papillon] [--paths before defaults bf16]
+       [--eval 30] [--repeats 1]
 Shapes: the README demo's Banking77 step (8 examples x G=8), the compare preset's many-hop step (4 x G=4)
 with the prompts of a many-hop prompt search that kept demos (benchmarks/data/multihop_search_prompts.json),
 the compare preset's PAPILLON step (4 x G=4). The last line: `speedup banking77=X many-hop=Y papillon=Z`
-(step + evaluation seconds, fp32 path / defaults).
+(step + evaluation seconds, before / defaults).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ SHAPES = {
                  "task": "multihop", "prompts": str(HERE / "data" / "multihop_search_prompts.json")},
     "papillon": {**{k: v for k, v in PRESETS["papillon"].items() if not k.startswith("prompt")}, "task": "papillon"},
 }
-PATHS = {"fp32": {"dtype": "float32", "prefix_attention": "packed"}, "defaults": {}}
+PATHS = {"before": {"dtype": "float32", "prefix_attention": "packed"}, "defaults": {}, "bf16": {"dtype": "bfloat16"}}
 
 
 def one(shape: str, path: str, eval_n: int) -> dict:
@@ -42,7 +44,7 @@ def one(shape: str, path: str, eval_n: int) -> dict:
     cfg = TrainConfig(**{**over, **PATHS[path], "eval_examples": eval_n, "progress": False, "steps": 1})
     with tempfile.TemporaryDirectory() as tmp:
         job = build(cfg, path=Path(tmp) / "run")
-        if path == "fp32":
+        if path == "before":
             job.backend.share_prompts = False
         t0 = time.perf_counter()
         rec = job.train_step(1)
@@ -62,15 +64,17 @@ def one(shape: str, path: str, eval_n: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     ap.add_argument("--eval", type=int, default=30, help="dev programs scored after the step")
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
+    paths = ["before", *[p for p in args.paths if p != "before"]]  # the ratios' reference runs first
     print(machine(), flush=True)
-    speed = {}
+    speed = {p: {} for p in paths[1:]}
     for shape in args.shapes:
-        runs = {p: [] for p in PATHS}
+        runs = {p: [] for p in paths}
         for _ in range(args.repeats):
-            for p in PATHS:  # alternating, the same batch (same seed) each time
+            for p in paths:  # alternating, the same batch (same seed) each time
                 runs[p].append(one(shape, p, args.eval))
                 r = runs[p][-1]
                 print(f"{shape:<10} {p:<9} rollout {r['rollout']:7.1f}s  update {r['update']:7.1f}s  step "
@@ -78,11 +82,13 @@ def main():
                       f"mismatch {r['mismatch']:.2e}]", flush=True)
         med = {p: {k: statistics.median(r[k] for r in rs) for k in ("rollout", "update", "step", "eval")}
                for p, rs in runs.items()}
-        ratio = {k: med["fp32"][k] / max(med["defaults"][k], 1e-9) for k in med["fp32"]}
-        speed[shape] = (med["fp32"]["step"] + med["fp32"]["eval"]) / (med["defaults"]["step"] + med["defaults"]["eval"])
-        print(f"{shape:<10} fp32/defaults: rollout {ratio['rollout']:.2f}x  update {ratio['update']:.2f}x  step "
-              f"{ratio['step']:.2f}x  dev {ratio['eval']:.2f}x  step+dev {speed[shape]:.2f}x", flush=True)
-    print("speedup " + " ".join(f"{k}={v:.2f}" for k, v in speed.items()))
+        for p in paths[1:]:
+            ratio = {k: med["before"][k] / max(med[p][k], 1e-9) for k in med["before"]}
+            speed[p][shape] = (med["before"]["step"] + med["before"]["eval"]) / (med[p]["step"] + med[p]["eval"])
+            print(f"{shape:<10} before/{p}: rollout {ratio['rollout']:.2f}x  update {ratio['update']:.2f}x  step "
+                  f"{ratio['step']:.2f}x  dev {ratio['eval']:.2f}x  step+dev {speed[p][shape]:.2f}x", flush=True)
+    for p in reversed(paths[1:]):  # the defaults' line last
+        print(("speedup " if p == "defaults" else f"speedup ({p}) ") + " ".join(f"{k}={v:.2f}" for k, v in speed[p].items()))
 
 
 if __name__ == "__main__":

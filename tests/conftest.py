@@ -15,7 +15,7 @@ def lm():
     from mmgrpo.lm.hf import HFBackend
 
     # float32: these tests compare two computations of one thing (a row alone and in a batch, the sampler
-    # and the learner) to 1e-5; bfloat16 (dtype auto on a CPU with native bf16) rounds each to ~3 digits
+    # and the learner) to 1e-5; bfloat16 rounds each to ~3 digits
     return HFBackend.load("smollm2-135m", max_wait_s=0.05, dtype="float32")
 
 

@@ -283,12 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(fn=cmd_report)
 
     args = p.parse_args(argv)
+    from . import stopping
     from .grpo.run import TrainingStopped
 
+    as_process = argv is None  # the `mmgrpo` command, not a call from Python
+    if as_process:
+        stopping.install()
     try:
         return args.fn(args)
     except KeyboardInterrupt as exc:
         print(f"\nmmgrpo: {exc}" if str(exc) else "\nmmgrpo: stopped by Ctrl-C", file=sys.stderr)
+        if as_process:  # what the run keeps is on disk; leave now rather than tear down threads still in torch
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     except TrainingStopped as exc:
         print(f"mmgrpo: stopped: {exc}", file=sys.stderr)

@@ -108,25 +108,11 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True where the CPU computes bfloat16 in hardware (x86 ``avx512_bf16`` or ``amx_bf16``): there
-    the embedded model's prefill, update and decoding run ~1.5-2x faster in bf16 than in fp32
-    (benchmarks/step_speed.py). Elsewhere bf16 is emulated and slower."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    return False
-
-
 def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
-    """``auto``: CUDA where a GPU is visible, else CPU; bfloat16 where the device computes it natively
-    (a GPU that supports it, a CPU with avx512_bf16 / amx_bf16), else float32. LoRA weights, optimizer
-    state, log-probs and the loss stay in float32 whatever the model's dtype."""
+    """``auto``: CUDA with bfloat16 where a GPU is visible, else CPU with float32. On a CPU with native
+    bf16 (avx512_bf16 / amx_bf16) an explicit bfloat16 makes a step ~1.3x faster, but the demo learned
+    less in it over 3 seeds (docs/performance.md), so float32 stays the CPU's choice. LoRA weights,
+    optimizer state, log-probs and the loss stay in float32 whatever the model's dtype."""
     import torch
 
     if dtype not in DTYPES:
@@ -139,8 +125,7 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
         raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__}; use device = "
                          f"cpu (or auto)")
     if dtype == "auto":
-        native = torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_native_bf16()
-        dtype = "bfloat16" if native else "float32"
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     return device, dtype
 
 

@@ -34,9 +34,10 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N. auto: CUDA where a GPU is visible, else CPU."""
     dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16. auto: bfloat16 where the device computes it natively (a GPU
-    that supports it; a CPU with avx512_bf16 or amx_bf16), else float32. The LoRA weights, optimizer
-    state, log-probs and loss are float32 in every case."""
+    """auto | float32 | bfloat16 | float16. auto: bfloat16 on a GPU that has it, else float32. On a CPU
+    with native bf16 (avx512_bf16, amx_bf16) bfloat16 runs a step ~1.3x faster but the demo learned less
+    in it (docs/performance.md). The LoRA weights, optimizer state, log-probs and loss are float32 in
+    every case."""
     task: str = "banking77"
     """Task by name (see `mmgrpo.tasks.TASKS`); ignored when `program` is set."""
     task_options: dict = field(default_factory=dict)

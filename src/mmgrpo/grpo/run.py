@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from .. import stopping
 from ..lm.base import SamplingParams
 from ..lm.openai import LMUnavailable
 from ..program import Example
@@ -170,6 +171,7 @@ class MMGRPO:
                 f"step {step}: {len(errors)} of {len(roll.trajectories)} rollouts failed with an error (more than "
                 f"max_error_rate = {cfg.max_error_rate}); nothing was trained on this step. Most common error: "
                 f"{first}. Fix the cause (a server down? a crashing metric?) and resume the run.")
+        stopping.check()  # a Ctrl-C swallowed during the rollouts: nothing of this step is trained
         grouping = group_calls(roll.by_example(), cfg.grouping, cfg.group_level)
         if not grouping.groups and roll.counts.get(PARSE_FAILURE) == len(roll.trajectories) and not self.warned:
             self.warned = True
@@ -414,6 +416,7 @@ def _steps(job: MMGRPO, start: int, trackers) -> dict:
                disable=not cfg.progress)
     last_dev = (job.run.read_log("dev.jsonl") or [None])[-1]  # shown until the next dev evaluation
     for step in bar:
+        stopping.check()
         try:
             rec = job.train_step(step)
         except TrainingStopped as exc:

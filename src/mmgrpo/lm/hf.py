@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import stopping
 from . import sampling
 from .base import BASE, Completion, SamplingParams, chat_prompt_ids
 
@@ -98,6 +99,7 @@ class HFBackend:
         self._cv = threading.Condition()  # guards _pending, _active, _closed
         self._pending: list[_Request] = []
         self._closed = False
+        self._cancelled = False  # Ctrl-C: the batch decoding stops at its next token step
         self._active = 0  # program threads declared at work (see `clients`)
         stop_ids = {tokenizer.eos_token_id}
         for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
@@ -221,10 +223,10 @@ class HFBackend:
         self._prefix_cache.clear()
 
     def cancel(self) -> None:
-        """Ctrl-C: fail every waiting request and refuse new ones; the batch decoding now ends as usual.
-        The backend is closed after it."""
+        """Ctrl-C: fail every waiting request and refuse new ones; the batch decoding now stops at its
+        next token step. The backend is closed after it."""
         with self._cv:
-            self._closed = True
+            self._closed = self._cancelled = True
             for r in self._pending:
                 r.future.set_exception(RuntimeError("cancelled: the run was stopped"))
             self._pending = []
@@ -426,6 +428,9 @@ class HFBackend:
         state = None  # (logits, cache, mask, last_pos, col) of the rows
         new = reqs
         while True:
+            stopping.check()  # Ctrl-C reaches this thread only as a flag
+            if self._cancelled:
+                raise RuntimeError("cancelled: the run was stopped")
             if new:
                 rows, state = self._join(rows, state, [_Row(r) for r in new], adapter)
             if not rows:
