@@ -35,6 +35,7 @@ from .. import stopping
 from . import sampling
 from .base import BASE, Completion, SamplingParams, chat_prompt_ids
 
+CANCELLED = "cancelled: the run was stopped"  # the error of requests a Ctrl-C cut short
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # backends whose batcher may still run
 
 
@@ -228,7 +229,7 @@ class HFBackend:
         with self._cv:
             self._closed = self._cancelled = True
             for r in self._pending:
-                r.future.set_exception(RuntimeError("cancelled: the run was stopped"))
+                r.future.set_exception(RuntimeError(CANCELLED))
             self._pending = []
             self._cv.notify_all()
 
@@ -430,7 +431,7 @@ class HFBackend:
         while True:
             stopping.check()  # Ctrl-C reaches this thread only as a flag
             if self._cancelled:
-                raise RuntimeError("cancelled: the run was stopped")
+                raise RuntimeError(CANCELLED)
             if new:
                 rows, state = self._join(rows, state, [_Row(r) for r in new], adapter)
             if not rows:
