@@ -38,6 +38,8 @@ VARIANTS = {  # name -> --set overrides of the demo config (whose learning rate 
     # the model in bfloat16 (faster on a CPU with native bf16), against denom-batch: the same run in
     # float32 (on the demo's short prompts the update kernel is "packed" either way)
     "bf16": ["model.dtype=bfloat16", "grpo.loss_denominator=batch"],
+    # rollouts and dev sampled by a bfloat16 copy of the weights, the update in float32
+    "bf16-sampler": ["model.sampler_dtype=bfloat16", "grpo.loss_denominator=batch"],
 }
 
 

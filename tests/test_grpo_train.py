@@ -38,15 +38,18 @@ def test_mmgrpo_raises_the_reward_of_a_two_module_program(tmp_path):
     def probe():
         res = sample(program, task.dev, task.reward, lm, n_samples=4, seed=99, progress=False,
                      params=SamplingParams(temperature=1.0, max_tokens=16))
-        return sum(res.rewards) / len(res.rewards)
+        return res.rewards
 
     before = probe()
     records = [job.train_step(s) for s in range(1, cfg.steps + 1)]
     after = probe()
     assert all(r["updated"] for r in records[:2])
     assert records[0]["groups_used"] >= 4  # groups of both modules, for several examples
-    # 32 samples each; the base model sits near 0 (format failures score -1), training lifts it
-    assert after - before > 0.4, (before, after, [r["reward_mean"] for r in records])
+    # the base model sits near 0 (format failures score -1); training lifts the mean reward of the same
+    # probe by more than twice its standard error (a rise the probe's noise does not explain)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    se = sum(sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1) / len(xs) for xs in (before, after)) ** 0.5
+    assert mean(after) - mean(before) > 2 * se, (mean(before), mean(after), se, [r["reward_mean"] for r in records])
 
 
 def _run(run_dir, steps):

@@ -214,3 +214,51 @@ def test_a_program_that_ends_right_after_its_reply_exits_cleanly():
     out = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "batcher alive at exit: False"
+
+
+def test_a_sampler_copy_follows_the_trained_weights_and_the_frozen_view_keeps_the_model():
+    """sampler_dtype: the trained variant samples from a bfloat16 copy that holds the live weights with
+    the adapter merged, refreshed after each update; the adapter-off view still runs the live model."""
+    import torch
+    from conftest import tiny_backend
+    from peft import LoraConfig, get_peft_model
+
+    from mmgrpo.lm.hf import HFBackend
+
+    plain = tiny_backend()
+    plain.close()
+    lm = HFBackend(plain.model, plain.tokenizer, sampler_dtype="bfloat16")
+    lm.peft = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                  task_type="CAUSAL_LM"))
+    prompts = [lm.tokenize_chat([{"role": "user", "content": f"Question {i}: why?"}]) for i in range(3)]
+    params = [SamplingParams(temperature=0.0, max_tokens=6)] * len(prompts)
+    copies = dict(lm._sampler.named_modules())
+
+    def merged_weights_match() -> bool:
+        for name, mod in lm.model.named_modules():
+            if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+                want = (mod.get_base_layer().weight + mod.get_delta_weight("default")).to(torch.bfloat16)
+                if not torch.equal(copies[name].weight, want):
+                    return False
+        return True
+
+    for scale in (0.5, -0.3):  # two updates: the copy follows each
+        with torch.no_grad():
+            for n, p in lm.peft.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(scale * torch.ones_like(p))
+        lm.weights_changed()
+        out = lm.generate_batch(prompts, params)
+        assert merged_weights_match()
+        assert all(c.token_ids for c in out)
+    with torch.no_grad():  # the base weights in the copy are the live ones, cast
+        emb = lm.model.get_input_embeddings().weight
+        assert torch.equal(lm._sampler.get_input_embeddings().weight, emb.to(torch.bfloat16))
+    frozen = [lm.frozen().complete(p, params[0]) for p in prompts]
+    lm.close()
+    ref = HFBackend(lm.model, lm.tokenizer)  # the live model alone, adapter off
+    with lm.peft.disable_adapter():
+        want = ref.generate_batch(prompts, params)
+    ref.close()
+    for a, b in zip(frozen, want):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

@@ -55,6 +55,27 @@ def test_pack_mask_positions_and_predictors_of_calls_with_a_common_prefix():
     assert pk.rows.tolist() == [1, 1, 0] and pk.cols.tolist() == [0, 1, 1] and pk.T == 2
 
 
+def test_the_rest_of_a_prompt_asked_by_several_calls_is_packed_once():
+    """The G completions of one example: prefix [1, 2], the rest [3] once for two completions, then
+    the other example's rest [9] and its completion; each span sees its own prompt only."""
+    seqs = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6]), ([1, 2, 9], [7])]
+    pk = pack(seqs)
+    assert pk.ids.tolist() == [[1, 2, 3, 4, 5, 6, 9, 7]]
+    assert pk.positions.tolist() == [[0, 1, 2, 3, 4, 3, 2, 3]]
+    assert pk.allow[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0, 0, 0],
+                                             [1, 1, 0, 0, 0, 0, 0, 0],
+                                             [1, 1, 1, 0, 0, 0, 0, 0],
+                                             [1, 1, 1, 1, 0, 0, 0, 0],
+                                             [1, 1, 1, 1, 1, 0, 0, 0],
+                                             [1, 1, 1, 0, 0, 1, 0, 0],
+                                             [1, 1, 0, 0, 0, 0, 1, 0],
+                                             [1, 1, 0, 0, 0, 0, 1, 1]]
+    assert pk.predictors.tolist() == [2, 3, 2, 6]  # a completion's first token: its prompt's last
+    assert Trainer.forward_tokens(seqs, "packed") == 8
+    assert plan_packed(seqs, budget=8) == [[0, 1, 2]]
+    assert plan_packed(seqs, budget=7) == [[0, 1], [2]]  # the second row repeats the prefix: 2 + 1 + 1
+
+
 def test_pack_mask_positions_and_predictors():
     pk = pack([([1, 2], [3, 4]), ([1, 2], [5])])
     assert pk.ids.tolist() == [[1, 2, 3, 4, 5]]

@@ -94,6 +94,8 @@ def test_importance_sampling_is_on_by_default_exactly_where_the_sampler_differs(
     assert TrainConfig().tis is None  # in-process: the sampler is the learner's own model
     assert TrainConfig(servers=["http://127.0.0.1:8000/v1"]).tis == 2.0
     assert TrainConfig(train_with_demos=False).tis == 2.0  # the update's prompts were never sampled
+    assert TrainConfig(sampler_dtype="bfloat16").tis == 2.0  # a copy of the weights in another dtype samples
+    assert TrainConfig(sampler_dtype="bfloat16", dtype="bfloat16").tis is None
     assert TrainConfig(servers=["http://127.0.0.1:8000/v1"], tis_cap="off").tis is None
     assert TrainConfig(tis_cap=3).tis == 3.0
     with pytest.raises(ValueError, match="cannot be off with train_with_demos = false"):

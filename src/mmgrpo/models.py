@@ -129,6 +129,24 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
     return device, dtype
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (else bf16 matmuls are emulated and slow)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_sampler_dtype(model, sampler_dtype: str = "auto") -> str | None:
+    """The dtype of the weights that sample, when it differs from the model's (None: the model samples).
+    ``auto``: the model's own."""
+    if sampler_dtype not in DTYPES:
+        raise ValueError(f"sampler_dtype {sampler_dtype!r}: use one of {', '.join(DTYPES)}")
+    own = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return None if sampler_dtype in ("auto", own) else sampler_dtype
+
+
 def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

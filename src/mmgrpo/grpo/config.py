@@ -38,6 +38,11 @@ class TrainConfig:
     with native bf16 (avx512_bf16, amx_bf16) bfloat16 runs a step ~1.3x faster but the demo learned less
     in it (docs/performance.md). The LoRA weights, optimizer state, log-probs and loss are float32 in
     every case."""
+    sampler_dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16: the dtype of a second copy of the weights that samples the
+    rollouts and evaluations (the adapter merged in, refreshed after each update), while the update
+    runs in ``dtype``. auto: no copy, the model samples. Where it differs from ``dtype``, tis_cap =
+    "auto" corrects for the sampler."""
     task: str = "banking77"
     """Task by name (see `mmgrpo.tasks.TASKS`); ignored when `program` is set."""
     task_options: dict = field(default_factory=dict)
@@ -213,7 +218,7 @@ class TrainConfig:
     """Truncated importance sampling: weight each token's policy term (not the KL) by
     min(p_learner / p_sampler, cap), correcting for tokens drawn by a sampler that differs from the
     learner. "auto": cap 2.0 where they differ (rollout.servers set: another engine, often another
-    dtype; or train_with_demos = false), off in-process, where the sampler is the learner's own model;
+    dtype; model.sampler_dtype set; or train_with_demos = false), off in-process, where the sampler is the learner's own model;
     a number >= 1: that cap always; "off": never."""
     mismatch_tolerance: float = 0.05
     """Mean |log p_train - log p_sampler| above which the step reports a train/inference mismatch."""
@@ -338,6 +343,7 @@ class TrainConfig:
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        need(self.sampler_dtype in DTYPES, "sampler_dtype", f"must be one of {', '.join(DTYPES)}")
         need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
              "device", "must be auto, cpu, cuda or cuda:N")
         if self.program:
@@ -355,8 +361,13 @@ class TrainConfig:
     def tis(self) -> float | None:
         """The importance-sampling cap in force (None: off), tis_cap = "auto" resolved."""
         if self.tis_cap == "auto":
-            return TIS_CAP if (self.servers or not self.train_with_demos) else None
+            return TIS_CAP if (self.servers or not self.train_with_demos or self.own_sampler) else None
         return None if self.tis_cap in ("off", None) else float(self.tis_cap)
+
+    @property
+    def own_sampler(self) -> bool:
+        """Whether rollouts are sampled by a copy of the weights in another dtype (sampler_dtype)."""
+        return self.sampler_dtype not in ("auto", self.dtype)
 
     @property
     def eval_tokens(self) -> int:
@@ -402,7 +413,7 @@ def _type_ok(value: Any, hint: Any) -> bool:
 # stays flat (one documented field each). Section key -> field; a key is the field's name unless
 # renamed here.
 SECTIONS: dict[str, dict[str, str]] = {
-    "model": {"name": "model", "device": "device", "dtype": "dtype"},
+    "model": {"name": "model", "device": "device", "dtype": "dtype", "sampler_dtype": "sampler_dtype"},
     "task": {"name": "task", "options": "task_options", "program": "program", "metric": "metric",
              "reward": "reward", "train": "train_data", "dev": "dev_data", "test": "test_data", "prompts": "prompts"},
     "rollout": {k: k for k in ("batch_examples", "group_size", "temperature", "top_p", "max_tokens", "concurrency",

@@ -1,11 +1,11 @@
 """Shared-prefix packing of a training batch. Pure: token ids in, tensors out, no model.
 
-Prompts that begin alike form a segment: their longest common prefix once, then each member's
-own rest of the prompt and its completion. The G completions of one prompt share the whole
-prompt; calls of one module share its instruction and demos even when their inputs differ,
-which after a prompt search is most of every prompt. A block mask lets each member see the
-prefix and itself only, its position ids continuing after the prefix, so the prefix is computed
-once instead of once per call.
+Prompts that begin alike form a segment: their longest common prefix once, then each distinct
+rest of a prompt once, then the completions, each after its own prompt. Calls of one module
+share its instruction and demos even when their inputs differ, which after a prompt search is
+most of every prompt; the G completions of one example share its whole prompt. A block mask lets
+each span see what comes before it in its own prompt (the prefix, its rest) and itself only, its
+position ids continuing from there: a prompt tree of two levels, each node computed once.
 """
 from __future__ import annotations
 
@@ -65,19 +65,24 @@ def plan_packed(seqs: list[Seq], budget: int, padded: bool = False) -> list[list
     batches: list[list[int]] = []
     cur: list[int] = []
     n = n_pre = longest_pre = n_calls = longest_rest = 0
+    seen: set[tuple] = set()  # rests of prompts already in this micro-batch's row (packed once)
     for L, idx in segments([p for p, _ in seqs]):
         first = True  # the segment's prefix is (re)counted in every micro-batch it reaches
         for i in idx:
             rest = len(seqs[i][0]) - L + len(seqs[i][1])
+            own = tuple(seqs[i][0][L:])
             if padded:
                 size = ((n_pre + first) * max(longest_pre, L) + (n_calls + 1) * max(longest_rest, rest))
             else:
-                size = n + L * first + rest
+                size = n + L * first + len(seqs[i][1]) + (len(own) if first or own not in seen else 0)
             if cur and size > budget:
                 batches.append(cur)
                 cur, n, n_pre, longest_pre, n_calls, longest_rest = [], 0, 0, 0, 0, 0
                 first = True
                 size = L + rest
+            if first:
+                seen = set()
+            seen.add(own)
             cur.append(i)
             n, n_pre, n_calls = size, n_pre + first, n_calls + 1
             longest_pre, longest_rest = max(longest_pre, L), max(longest_rest, rest)
@@ -104,33 +109,39 @@ def pack(seqs: list[Seq]) -> Packed:
     T = max(len(c) for _, c in seqs)
     ids: list[int] = []
     pos: list[int] = []
-    blocks: list[tuple[int, int, list[tuple[int, int]]]] = []
+    spans: list[tuple[int, int, list[tuple[int, int]]]] = []  # (start, length, the spans it sees whole)
     predictors, targets, rows, cols = [], [], [], []
     for L, idx in segments([p for p, _ in seqs]):
         start = len(ids)
         ids += seqs[idx[0]][0][:L]
         pos += range(L)
-        spans = []
+        spans.append((start, L, []))
+        rests: dict[tuple, tuple[int, int]] = {}  # each distinct rest of a prompt: (start, length)
         for i in idx:
-            rest, comp = seqs[i][0][L:], seqs[i][1]
-            mstart = len(ids)
-            ids += rest + comp
-            pos += range(L, L + len(rest) + len(comp))
-            spans.append((mstart, len(rest) + len(comp)))
+            prompt, comp = seqs[i]
+            rest = tuple(prompt[L:])
+            if rest and rest not in rests:
+                rests[rest] = (len(ids), len(rest))
+                spans.append((len(ids), len(rest), [(start, L)]))
+                ids += rest
+                pos += range(L, len(prompt))
+            above = [(start, L), rests[rest]] if rest else [(start, L)]
+            cstart = len(ids)
+            ids += comp
+            pos += range(len(prompt), len(prompt) + len(comp))
+            spans.append((cstart, len(comp), above))
+            last = sum(above[-1]) - 1  # the prompt's last token predicts the first completion token
             for k, t in enumerate(comp):
-                at = mstart + len(rest) + k - 1  # the token before it, or the prefix's last
-                predictors.append(at if at >= mstart else start + L - 1)
+                predictors.append(cstart + k - 1 if k else last)
                 targets.append(t)
                 rows.append(i)
                 cols.append(T - len(comp) + k)
-        blocks.append((start, L, spans))
     N = len(ids)
     allow = torch.zeros((N, N), dtype=torch.bool)
-    for start, P, spans in blocks:
-        allow[start:start + P, start:start + P] = torch.ones(P, P, dtype=torch.bool).tril()
-        for mstart, n in spans:
-            allow[mstart:mstart + n, start:start + P] = True
-            allow[mstart:mstart + n, mstart:mstart + n] = torch.ones(n, n, dtype=torch.bool).tril()
+    for begin, n, above in spans:
+        allow[begin:begin + n, begin:begin + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        for a, m in above:
+            allow[begin:begin + n, a:a + m] = True
     return Packed(ids=torch.tensor([ids]), positions=torch.tensor([pos]), allow=allow[None, None],
                   predictors=torch.tensor(predictors), targets=torch.tensor(targets), rows=torch.tensor(rows),
                   cols=torch.tensor(cols), T=T)

@@ -319,7 +319,7 @@ def build(cfg: TrainConfig, resume: str | None = None, path: str | Path | None =
     # what can fail on bad input (data, program, model) comes before the run folder: a failed start leaves none
     task = task or make_task(cfg)
     program = _load_program(cfg, task)
-    backend = HFBackend.load(cfg.model, device=device, dtype=cfg.dtype, max_batch=max(cfg.concurrency, 1),
+    backend = HFBackend.load(cfg.model, device=device, dtype=cfg.dtype, sampler_dtype=cfg.sampler_dtype, max_batch=max(cfg.concurrency, 1),
                              deterministic=cfg.deterministic, continuous=cfg.continuous_batching,
                              prefill_tokens=cfg.prefill_tokens)
     if resume:

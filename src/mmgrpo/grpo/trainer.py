@@ -153,7 +153,7 @@ class Trainer:
         """Tokens the kernel's forward pass runs: padded rows ("plain") or the packed row."""
         if kernel == "plain":
             return len(seqs) * max(len(p) + len(c) for p, c in seqs)
-        return sum(L + sum(len(seqs[i][0]) - L + len(seqs[i][1]) for i in idx)
+        return sum(L + sum(len(r) for r in {tuple(seqs[i][0][L:]) for i in idx}) + sum(len(seqs[i][1]) for i in idx)
                    for L, idx in segments([p for p, _ in seqs]))
 
     @contextmanager

@@ -76,7 +76,8 @@ class Clients:
 class HFBackend:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_wait_s: float = 0.05, device: str | None = None,
                  prefix_cache_size: int = 4, prefill_chunk: int = 8, prefill_tokens: int = 8192,
-                 deterministic: bool = True, continuous: bool = False, share_prompts: bool = True):
+                 deterministic: bool = True, continuous: bool = False, share_prompts: bool = True,
+                 sampler_dtype: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -97,6 +98,13 @@ class HFBackend:
         self.prefill_tokens = prefill_tokens  # a chunk's rows x its longest row stay under this (0: rows only)
         self.share_prompts = share_prompts  # rows asking the same prompt share its prefill (see _prefill)
         self._prefix_cache: dict[tuple, list] = {}
+        # a copy of the weights in another dtype that samples the trained variant (see _sampler_net)
+        self._sampler, self._sampler_version = None, -1
+        if sampler_dtype and getattr(torch, sampler_dtype) != next(model.parameters()).dtype:
+            import copy
+
+            self._sampler = copy.deepcopy(model).to(getattr(torch, sampler_dtype)).eval()
+            self._sampler.requires_grad_(False)
         self._cv = threading.Condition()  # guards _pending, _active, _closed
         self._pending: list[_Request] = []
         self._closed = False
@@ -115,11 +123,12 @@ class HFBackend:
         _LIVE.add(self)
 
     @classmethod
-    def load(cls, name: str = "smollm2-135m", device: str = "auto", dtype: str = "auto", **kw) -> "HFBackend":
-        from ..models import load
+    def load(cls, name: str = "smollm2-135m", device: str = "auto", dtype: str = "auto",
+             sampler_dtype: str = "auto", **kw) -> "HFBackend":
+        from ..models import load, pick_sampler_dtype
 
         m = load(name, dtype=dtype, device=device)
-        return cls(m.model, m.tokenizer, **kw)
+        return cls(m.model, m.tokenizer, sampler_dtype=pick_sampler_dtype(m.model, sampler_dtype), **kw)
 
     # ---- public API -------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict]) -> list[int]:
@@ -319,6 +328,29 @@ class HFBackend:
             self._prefix_cache.clear()
             self.version += 1
 
+    def _net(self, adapter: str | None):
+        """The weights that run a batch of ``adapter``: the sampler copy for the trained variant (the
+        live weights with the adapter merged, cast; refreshed after each update), else the live model."""
+        if self._sampler is None or adapter is not None or self._plain:
+            return self.model
+        if self._sampler_version != self.version:
+            self._sync_sampler()
+        return self._sampler
+
+    @torch.no_grad()
+    def _sync_sampler(self) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        copies = dict(self._sampler.named_modules())
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, LoraLayer):
+                w = mod.get_base_layer().weight
+                for a in mod.active_adapters if not mod.disable_adapters else ():
+                    if a in mod.lora_A:
+                        w = w + mod.get_delta_weight(a)
+                copies[name].weight.copy_(w)
+        self._sampler_version = self.version
+
     def _prefix_kv(self, prefix: list[int], adapter: str | None):
         """Per-layer (keys, values) of a shared prompt prefix, computed once and kept (LRU);
         keyed by the variant too, since each adapter computes its own."""
@@ -331,7 +363,7 @@ class HFBackend:
             return self._prefix_cache[key]
         cache = DynamicCache()
         ids = torch.tensor([prefix], device=self.device)
-        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
+        self._net(adapter)(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         self._prefix_cache[key] = kv
         while len(self._prefix_cache) > self.prefix_cache_size:
@@ -393,7 +425,7 @@ class HFBackend:
             if prefix is not None:
                 for li, (k, v) in enumerate(prefix):
                     chunk.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), li)
-            out = self.model(input_ids=ids.to(self.device), attention_mask=cmask.to(self.device),
+            out = self._net(adapter)(input_ids=ids.to(self.device), attention_mask=cmask.to(self.device),
                              position_ids=pos.to(self.device), cache=chunk, use_cache=True,
                              logits_to_keep=1)
             src = [j for j, u in enumerate(rows) for _ in groups[u]]
@@ -464,7 +496,7 @@ class HFBackend:
                 mask[:, col] = 1
                 col += 1
                 last_pos = last_pos + 1
-                out = self.model(input_ids=nxt.view(-1, 1), attention_mask=mask, position_ids=last_pos,
+                out = self._net(adapter)(input_ids=nxt.view(-1, 1), attention_mask=mask, position_ids=last_pos,
                                  cache=cache, use_cache=True)
                 state = (out.logits[:, -1, :].float(), out.cache, mask, last_pos, col)
             else:

@@ -1,0 +1,93 @@
+"""A long mmGRPO run that survives being stopped: its run folder lives under studies/long_runs/ (records
+and the latest checkpoint, committed as it goes), each call continues it, and --minutes ends a call
+cleanly (Ctrl-C: the last checkpoint is kept). The summary, studies/results/long_<name>.json, holds the
+training reward by step with its least-squares slope and 95% CI, and dev by step.
+
+Usage: python studies/long_run.py banking77 [--steps 100] [--minutes 40] [--set SECTION.KEY=VALUE ...]
+Runs: banking77 (the README demo's program and settings, 100 dev examples every 10 steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RUNS = {  # name -> (config, overrides)
+    "banking77": (ROOT / "examples" / "banking77_demo.toml",
+                  ["run.eval_every=10", "run.eval_examples=100", "run.checkpoint_every=5", "run.keep_checkpoints=1"]),
+}
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 8: 2.31, 10: 2.23, 15: 2.13, 20: 2.09, 30: 2.04,
+        60: 2.00, 120: 1.98}
+
+
+def t975(df: int) -> float:
+    """Student's t quantile for a two-sided 95% CI (the nearest tabled df at or below)."""
+    return T975[max(k for k in T975 if k <= max(df, 1))]
+
+
+def slope(ys: list[float]) -> dict:
+    """Least-squares slope of ys over steps 1..n, with its 95% CI."""
+    n = len(ys)
+    if n < 3:
+        return {"n": n}
+    xs = range(1, n + 1)
+    mx, my = (n + 1) / 2, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    resid = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    se = math.sqrt(resid / (n - 2) / sxx)
+    return {"n": n, "slope": b, "ci95": t975(n - 2) * se, "per_100_steps": 100 * b}
+
+
+def summarize(name: str, run: Path) -> dict:
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+    dev = [json.loads(x) for x in (run / "dev.jsonl").read_text().splitlines()] if (run / "dev.jsonl").exists() else []
+    rewards = [m["reward_mean"] for m in metrics]
+    out = {"run": str(run.relative_to(ROOT)), "steps_done": len(metrics),
+           "trajectories": sum(m.get("n_ok", 0) + m.get("n_parse_failure", 0) + m.get("n_error", 0) for m in metrics),
+           "reward_by_step": [round(r, 4) for r in rewards], "reward_slope": slope(rewards),
+           "dev_by_step": {d["step"]: {"dev": d["dev"], "ci95": d.get("dev_ci95"), "n": d.get("dev_n")} for d in dev},
+           "wall_s": round(sum(m.get("rollout_s", 0) + m.get("update_s", 0) for m in metrics) + sum(d.get("eval_s", 0) for d in dev))}
+    (HERE / "results" / f"long_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("name", choices=list(RUNS))
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--minutes", type=float, default=0, help="stop this call cleanly after this long (0: run to the end)")
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    config, overrides = RUNS[args.name]
+    out = HERE / "long_runs"
+    found = sorted(out.glob(f"{args.name}-2*"))
+    if found:  # continue it; --steps may lengthen it
+        cmd = ["--resume", str(found[-1]), "--set", f"run.steps={args.steps}"]
+    else:
+        sets = [*overrides, f"run.steps={args.steps}", f"run.name={args.name}", f"run.out={out}", *args.set]
+        cmd = [str(config), *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "train", *cmd])
+    try:
+        proc.wait(timeout=args.minutes * 60 if args.minutes else None)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+    time.sleep(0.5)
+    run = sorted(out.glob(f"{args.name}-2*"))[-1]
+    s = summarize(args.name, run)
+    sl = s["reward_slope"]
+    print(f"{args.name}: {s['steps_done']} steps, reward slope "
+          + (f"{sl['per_100_steps']:+.3f} ± {100 * sl['ci95']:.3f} per 100 steps" if "slope" in sl else "n/a")
+          + f", dev {[(k, round(v['dev'], 3)) for k, v in s['dev_by_step'].items()]}")
+
+
+if __name__ == "__main__":
+    main()
