@@ -125,3 +125,13 @@ def test_a_worker_that_raises_or_never_answers_fails_the_call_instead_of_hanging
         assert time.perf_counter() - t0 < 60
     finally:
         stuck.close()
+
+
+def test_workers_on_another_machine_get_the_programs_source_and_a_local_cluster_the_path():
+    from mmgrpo.rollout_ray import runtime_env
+
+    task = toy_task()
+    assert runtime_env(None, task.make_program, task.reward)["env_vars"]["PYTHONPATH"].split(os.pathsep)[0]
+    remote = runtime_env("ray://head:10001", task.make_program, task.reward)
+    # the toy program lives in tests/toy.py, not an installed package: its source travels
+    assert remote == {"py_modules": [str(Path(sys.modules[task.make_program.__module__].__file__))]}

@@ -375,3 +375,20 @@ def test_training_through_mmgrpo_serve_matches_in_process_and_survives_an_outage
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_load_retried_after_a_lost_answer_counts_as_loaded_and_other_errors_do_not():
+    from mmgrpo.lm.remote import _load
+
+    class Server:
+        def __init__(self, error):
+            self.error, self.calls = error, 0
+
+        def request(self, path, body, want_json=True):
+            self.calls += 1
+            if self.error:
+                raise LMServerError(self.error)
+
+    _load(Server("400: The lora adapter 'v3' has already been loaded."), "v3", "/runs/x/policy/v3")
+    with pytest.raises(LMServerError, match="No adapter found"):
+        _load(Server("400: No adapter found at /runs/x/policy/v3"), "v3", "/runs/x/policy/v3")

@@ -307,3 +307,13 @@ def test_a_server_gathers_requests_that_arrive_together_into_one_batch():
         t.join()
     assert len(outs) == 3 and backend.stats["batches"] == 1
     backend.close()
+
+
+def test_a_server_reachable_beyond_this_machine_without_a_key_is_warned_about():
+    from mmgrpo.serve import exposure_warning
+
+    for host in ("0.0.0.0", "192.168.1.5", "::", "myhost.example"):
+        assert "without an API key" in exposure_warning(host, None)
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert exposure_warning(host, None) is None
+    assert exposure_warning("0.0.0.0", "secret") is None

@@ -439,6 +439,21 @@ class _Server(ThreadingHTTPServer):
             self.slots.release()
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to say when the server is reachable beyond this machine with no key (None: nothing)."""
+    import ipaddress
+
+    if api_key or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (f"mmgrpo serve: listening on {host} without an API key: anyone who reaches this port can load and "
+            f"unload adapters and read the prompts; set --api-key (or MMGRPO_API_KEY)")
+
+
 def start(backend, host: str = "127.0.0.1", port: int = 0, model_name: str = "mmgrpo", prompts: dict | None = None,
           limits: Limits | None = None, base_name: str | None = None):
     """Start serving in a daemon thread; returns the server (``server.server_address`` has the port,
@@ -447,8 +462,7 @@ def start(backend, host: str = "127.0.0.1", port: int = 0, model_name: str = "mm
     state = Server(backend, model_name, prompts, limits, base_name)
     server = _Server((host, port), make_handler(state), limits.max_connections)
     server.state = state
-    if limits.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"mmgrpo serve: listening on {host} without an API key: anyone who reaches this port can load and "
-              f"unload adapters and read the prompts; set --api-key (or MMGRPO_API_KEY)", file=sys.stderr)
+    if (warning := exposure_warning(host, limits.api_key)) is not None:
+        print(warning, file=sys.stderr)
     threading.Thread(target=server.serve_forever, name="mmgrpo-serve", daemon=True).start()
     return server
