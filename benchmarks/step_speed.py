@@ -1,10 +1,11 @@
 """One full mmGRPO step (rollouts + update) and a dev evaluation of 30 programs, on three task shapes, by
-three paths one after the other in one process: "before" (float32, every row prefilled on its own, the
-"packed" update kernel), "defaults" (rows asking the same prompt prefilled once; the update kernel chosen
-from the shapes; float32 on a CPU) and "bf16" (the defaults with `model.dtype = "bfloat16"`, faster on a
-CPU with native bf16, not the default there: see docs/performance.md).
+paths one after the other in one process: "before" (float32 throughout, every row prefilled on its own,
+the "packed" update kernel with each call's rest of prompt packed on its own), "defaults" (the
+configuration's defaults), "bf16-sampler" (rollouts and dev sampled by a bfloat16 copy of the weights,
+the update in float32) and "bf16" (the whole model in bfloat16). See docs/performance.md.
 
-Usage: python benchmarks/step_speed.py [--shapes banking77 many-hop papillon] [--paths before defaults bf16]
+Usage: python benchmarks/step_speed.py [--shapes banking77 many-hop papillon]
+       [--paths before defaults bf16-sampler bf16]
        [--eval 30] [--repeats 1]
 Shapes: the README demo's Banking77 step (8 examples x G=8), the compare preset's many-hop step (4 x G=4)
 with the prompts of a many-hop prompt search that kept demos (benchmarks/data/multihop_search_prompts.json),
@@ -35,7 +36,8 @@ SHAPES = {
                  "task": "multihop", "prompts": str(HERE / "data" / "multihop_search_prompts.json")},
     "papillon": {**{k: v for k, v in PRESETS["papillon"].items() if not k.startswith("prompt")}, "task": "papillon"},
 }
-PATHS = {"before": {"dtype": "float32", "prefix_attention": "packed"}, "defaults": {}, "bf16": {"dtype": "bfloat16"}}
+PATHS = {"before": {"dtype": "float32", "sampler_dtype": "float32", "prefix_attention": "packed"}, "defaults": {},
+         "bf16-sampler": {"sampler_dtype": "bfloat16"}, "bf16": {"dtype": "bfloat16"}}
 
 
 def one(shape: str, path: str, eval_n: int) -> dict:
@@ -46,6 +48,7 @@ def one(shape: str, path: str, eval_n: int) -> dict:
         job = build(cfg, path=Path(tmp) / "run")
         if path == "before":
             job.backend.share_prompts = False
+            job.trainer.share_rests = False
         t0 = time.perf_counter()
         rec = job.train_step(1)
         step_s = time.perf_counter() - t0

@@ -74,6 +74,8 @@ def test_the_rest_of_a_prompt_asked_by_several_calls_is_packed_once():
     assert Trainer.forward_tokens(seqs, "packed") == 8
     assert plan_packed(seqs, budget=8) == [[0, 1, 2]]
     assert plan_packed(seqs, budget=7) == [[0, 1], [2]]  # the second row repeats the prefix: 2 + 1 + 1
+    assert pack(seqs, share_rests=False).ids.tolist() == [[1, 2, 3, 4, 5, 3, 6, 9, 7]]  # a rest per call
+    assert plan_packed(seqs, budget=8, share_rests=False) == [[0, 1], [2]]
 
 
 def test_pack_mask_positions_and_predictors():

@@ -94,8 +94,6 @@ def test_importance_sampling_is_on_by_default_exactly_where_the_sampler_differs(
     assert TrainConfig().tis is None  # in-process: the sampler is the learner's own model
     assert TrainConfig(servers=["http://127.0.0.1:8000/v1"]).tis == 2.0
     assert TrainConfig(train_with_demos=False).tis == 2.0  # the update's prompts were never sampled
-    assert TrainConfig(sampler_dtype="bfloat16").tis == 2.0  # a copy of the weights in another dtype samples
-    assert TrainConfig(sampler_dtype="bfloat16", dtype="bfloat16").tis is None
     assert TrainConfig(servers=["http://127.0.0.1:8000/v1"], tis_cap="off").tis is None
     assert TrainConfig(tis_cap=3).tis == 3.0
     with pytest.raises(ValueError, match="cannot be off with train_with_demos = false"):
@@ -105,6 +103,23 @@ def test_importance_sampling_is_on_by_default_exactly_where_the_sampler_differs(
     # a run saved before these keys resumes as it ran
     old = with_defaults({"model": "smollm2-135m"})
     assert old["tis_cap"] is None and old["loss_denominator"] == "informative" and old["eval_max_tokens"] == 256
+    assert old["sampler_dtype"] == "model"
+
+
+def test_tis_turns_on_where_a_sampler_copy_in_another_dtype_samples():
+    from mmgrpo.lm.hf import HFBackend
+
+    tiny = tiny_backend()
+    tiny.close()
+    for sampler, on in ((None, False), ("bfloat16", True)):
+        backend = HFBackend(tiny.model, tiny.tokenizer, sampler_dtype=sampler)
+        trainer = Trainer(backend, TrainConfig(progress=False, learning_rate=1e-3))
+        g = Grouping(groups=[Group("e0", "m", 0, [Member(c, float(k), k, advantage=1.0 - 2 * k)
+                                                   for k, c in enumerate(calls(backend, ["Yes.", "No."]))])])
+        upd = trainer.update(g)
+        assert backend.samples_apart == on and ("tis_weight_mean" in upd) == on
+        backend.close()
+        tiny.model = trainer.model.unload()  # the plain model again for the next backend
 
 
 def test_tis_weights_the_tokens_of_a_remote_sampler(monkeypatch):

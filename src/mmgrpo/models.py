@@ -106,6 +106,7 @@ def resolve(name: str) -> str:
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAMPLER_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 
 
 def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
@@ -139,12 +140,12 @@ def native_bf16() -> bool:
 
 
 def pick_sampler_dtype(model, sampler_dtype: str = "auto") -> str | None:
-    """The dtype of the weights that sample, when it differs from the model's (None: the model samples).
-    ``auto``: the model's own."""
-    if sampler_dtype not in DTYPES:
-        raise ValueError(f"sampler_dtype {sampler_dtype!r}: use one of {', '.join(DTYPES)}")
+    """The dtype of a copy of the weights that samples, where it differs from the model's (None: the
+    model samples). ``auto``: the model samples."""
+    if sampler_dtype not in SAMPLER_DTYPES:
+        raise ValueError(f"sampler_dtype {sampler_dtype!r}: use one of {', '.join(SAMPLER_DTYPES)}")
     own = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return None if sampler_dtype in ("auto", own) else sampler_dtype
+    return None if sampler_dtype in ("auto", "model", own) else sampler_dtype
 
 
 def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import DTYPES
+from ..models import DTYPES, SAMPLER_DTYPES
 from .groups import DENOMINATORS, LEVELS, MODES
 from .loss import LOSSES
 
@@ -39,10 +39,10 @@ class TrainConfig:
     in it (docs/performance.md). The LoRA weights, optimizer state, log-probs and loss are float32 in
     every case."""
     sampler_dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16: the dtype of a second copy of the weights that samples the
-    rollouts and evaluations (the adapter merged in, refreshed after each update), while the update
-    runs in ``dtype``. auto: no copy, the model samples. Where it differs from ``dtype``, tis_cap =
-    "auto" corrects for the sampler."""
+    """auto | model | float32 | bfloat16 | float16: the dtype of a second copy of the weights that samples
+    the rollouts and evaluations (the adapter merged in, refreshed after each update), while the update
+    runs in ``dtype``. model: no copy, the model samples. auto: the model samples. Where a copy
+    samples, tis_cap = "auto" corrects for it."""
     task: str = "banking77"
     """Task by name (see `mmgrpo.tasks.TASKS`); ignored when `program` is set."""
     task_options: dict = field(default_factory=dict)
@@ -343,7 +343,7 @@ class TrainConfig:
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
-        need(self.sampler_dtype in DTYPES, "sampler_dtype", f"must be one of {', '.join(DTYPES)}")
+        need(self.sampler_dtype in SAMPLER_DTYPES, "sampler_dtype", f"must be one of {', '.join(SAMPLER_DTYPES)}")
         need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
              "device", "must be auto, cpu, cuda or cuda:N")
         if self.program:
@@ -359,15 +359,11 @@ class TrainConfig:
 
     @property
     def tis(self) -> float | None:
-        """The importance-sampling cap in force (None: off), tis_cap = "auto" resolved."""
+        """The importance-sampling cap in force (None: off), tis_cap = "auto" resolved from the config
+        alone; the trainer also turns it on where a sampler copy samples (`HFBackend.samples_apart`)."""
         if self.tis_cap == "auto":
-            return TIS_CAP if (self.servers or not self.train_with_demos or self.own_sampler) else None
+            return TIS_CAP if (self.servers or not self.train_with_demos) else None
         return None if self.tis_cap in ("off", None) else float(self.tis_cap)
-
-    @property
-    def own_sampler(self) -> bool:
-        """Whether rollouts are sampled by a copy of the weights in another dtype (sampler_dtype)."""
-        return self.sampler_dtype not in ("auto", self.dtype)
 
     @property
     def eval_tokens(self) -> int:
@@ -383,7 +379,7 @@ class TrainConfig:
 
 
 # keys added since whose default is not what a run saved before them ran with
-BEFORE_KEY = {"loss_denominator": "informative", "eval_max_tokens": 256, "tis_cap": None}
+BEFORE_KEY = {"loss_denominator": "informative", "eval_max_tokens": 256, "tis_cap": None, "sampler_dtype": "model"}
 
 
 def with_defaults(saved: dict) -> dict:

@@ -54,7 +54,7 @@ def segments(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
     return out[::-1]
 
 
-def plan_packed(seqs: list[Seq], budget: int, padded: bool = False) -> list[list[int]]:
+def plan_packed(seqs: list[Seq], budget: int, padded: bool = False, share_rests: bool = True) -> list[list[int]]:
     """Micro-batches (lists of indices into seqs) whose packed length stays within budget.
 
     A segment too long for the budget is split across micro-batches, each repeating its prefix
@@ -70,11 +70,11 @@ def plan_packed(seqs: list[Seq], budget: int, padded: bool = False) -> list[list
         first = True  # the segment's prefix is (re)counted in every micro-batch it reaches
         for i in idx:
             rest = len(seqs[i][0]) - L + len(seqs[i][1])
-            own = tuple(seqs[i][0][L:])
+            own = tuple(seqs[i][0][L:]) if share_rests else (i,)
             if padded:
                 size = ((n_pre + first) * max(longest_pre, L) + (n_calls + 1) * max(longest_rest, rest))
             else:
-                size = n + L * first + len(seqs[i][1]) + (len(own) if first or own not in seen else 0)
+                size = n + L * first + len(seqs[i][1]) + (len(seqs[i][0]) - L if first or own not in seen else 0)
             if cur and size > budget:
                 batches.append(cur)
                 cur, n, n_pre, longest_pre, n_calls, longest_rest = [], 0, 0, 0, 0, 0
@@ -104,7 +104,7 @@ class Packed:
     T: int
 
 
-def pack(seqs: list[Seq]) -> Packed:
+def pack(seqs: list[Seq], share_rests: bool = True) -> Packed:
     """One packed row for the given sequences (plan them with ``plan_packed`` first)."""
     T = max(len(c) for _, c in seqs)
     ids: list[int] = []
@@ -119,13 +119,14 @@ def pack(seqs: list[Seq]) -> Packed:
         rests: dict[tuple, tuple[int, int]] = {}  # each distinct rest of a prompt: (start, length)
         for i in idx:
             prompt, comp = seqs[i]
-            rest = tuple(prompt[L:])
-            if rest and rest not in rests:
-                rests[rest] = (len(ids), len(rest))
+            rest = prompt[L:]
+            key = tuple(rest) if share_rests else i
+            if rest and key not in rests:
+                rests[key] = (len(ids), len(rest))
                 spans.append((len(ids), len(rest), [(start, L)]))
                 ids += rest
                 pos += range(L, len(prompt))
-            above = [(start, L), rests[rest]] if rest else [(start, L)]
+            above = [(start, L), rests[key]] if rest else [(start, L)]
             cstart = len(ids)
             ids += comp
             pos += range(len(prompt), len(prompt) + len(comp))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..runlog import atomic_write, publish_dir, write_json, write_manifest
 from . import distributed
-from .config import TrainConfig
+from .config import TIS_CAP, TrainConfig
 from .groups import Grouping
 from .loss import grpo_loss, normalizer_total, sequence_coefficients, token_logprobs
 from .packing import pack, plan_packed, segments, unpack
@@ -84,6 +84,7 @@ class Trainer:
                              f"uses {attn!r}: set prefix_attention = \"cache\" (no block mask), shared_prefix = "
                              "false, or load the model with sdpa")
         self.attn = attn
+        self.share_rests = True  # the packed kernel packs a rest of a prompt asked by several calls once
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         distributed.sync_params(self.params)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -119,7 +120,7 @@ class Trainer:
             return self._micro_batches(seqs)
         kernels = self.kernels()
         if "packed" in kernels:
-            packed = plan_packed(seqs, self.cfg.pack_tokens, padded=False)
+            packed = plan_packed(seqs, self.cfg.pack_tokens, padded=False, share_rests=self.share_rests)
             fits = all(self.forward_tokens([seqs[i] for i in mb], "packed") <= self.cfg.pack_tokens for mb in packed)
             if fits or kernels == ("packed",):
                 self.kernel = "packed"
@@ -173,7 +174,7 @@ class Trainer:
     def packed_logprobs(self, seqs: list[tuple[list[int], list[int]]],
                         temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One packed row: each distinct prompt once, its completions after it (see packing.py)."""
-        pk = pack(seqs)
+        pk = pack(seqs, share_rests=self.share_rests)
         dev = self.backend.device
         allow = pk.allow.to(dev)
         if self.attn == "eager":  # eager adds the mask to the scores: it must be 0 / -inf, not boolean
@@ -296,6 +297,8 @@ class Trainer:
             if not members:
                 return {"updated": False, "truncated_masked": masked}
         tis_cap = cfg.tis
+        if tis_cap is None and cfg.tis_cap == "auto" and getattr(self.backend, "samples_apart", False):
+            tis_cap = TIS_CAP  # a sampler copy in another dtype drew the tokens
         all_seqs = [(update_prompt(m.call, self.backend.tokenize_chat, cfg.train_with_demos), m.call.completion_ids)
                     for m in members]
         temps = [m.call.temperature for m in members]

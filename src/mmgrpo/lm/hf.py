@@ -328,6 +328,11 @@ class HFBackend:
             self._prefix_cache.clear()
             self.version += 1
 
+    @property
+    def samples_apart(self) -> bool:
+        """Whether a copy of the weights in another dtype samples the trained variant."""
+        return self._sampler is not None
+
     def _net(self, adapter: str | None):
         """The weights that run a batch of ``adapter``: the sampler copy for the trained variant (the
         live weights with the adapter merged, cast; refreshed after each update), else the live model."""
