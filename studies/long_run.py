@@ -1,7 +1,9 @@
 """A long mmGRPO run that survives being stopped: its run folder lives under studies/long_runs/ (records
 and the latest checkpoint, committed as it goes), each call continues it, and --minutes ends a call
 cleanly (Ctrl-C: the last checkpoint is kept). The summary, studies/results/long_<name>.json, holds the
-training reward by step with its least-squares slope and 95% CI, and dev by step.
+training reward by step with its least-squares slope and 95% CI, and dev by step; once the run is
+finished, the adapter dev chose and the untouched program are scored once on the full test split
+(studies/long_runs/evals/), with their paired difference.
 
 Usage: python studies/long_run.py banking77 [--steps 100] [--minutes 40] [--set SECTION.KEY=VALUE ...]
 Runs: banking77 (the README demo's program and settings, 100 dev examples every 10 steps).
@@ -19,9 +21,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RUNS = {  # name -> (config, overrides)
+RUNS = {  # name -> (config, overrides, `mmgrpo eval` arguments of the untouched program)
     "banking77": (ROOT / "examples" / "banking77_demo.toml",
-                  ["run.eval_every=10", "run.eval_examples=100", "run.checkpoint_every=5", "run.keep_checkpoints=1"]),
+                  ["run.eval_every=10", "run.eval_examples=100", "run.checkpoint_every=5", "run.keep_checkpoints=1"],
+                  ["--task", "banking77", "--n-labels", "10", "--n-demos", "5", "--no-reasoning", "--max-tokens", "24"]),
 }
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 8: 2.31, 10: 2.23, 15: 2.13, 20: 2.09, 30: 2.04,
         60: 2.00, 120: 1.98}
@@ -46,6 +49,26 @@ def slope(ys: list[float]) -> dict:
     return {"n": n, "slope": b, "ci95": t975(n - 2) * se, "per_100_steps": 100 * b}
 
 
+def test_scores(name: str, what: list[str]) -> dict:
+    """`mmgrpo eval ... --split test` once (kept under long_runs/evals/NAME); its results.json."""
+    out = HERE / "long_runs" / "evals" / name
+    found = sorted(out.glob("eval-*/results.json"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "mmgrpo.cli", "eval", *what, "--split", "test", "--out", str(out)],
+                       check=True)
+        found = sorted(out.glob("eval-*/results.json"))
+    return json.loads(found[-1].read_text())
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Mean of a - b over the examples both scored, with its 95% CI (normal)."""
+    sb = dict(zip(b["ids"], b["scores"]))
+    d = [x - sb[i] for i, x in zip(a["ids"], a["scores"]) if i in sb]
+    m = sum(d) / len(d)
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1)) if len(d) > 1 else float("nan")
+    return {"n": len(d), "diff": m, "ci95": 1.96 * sd / math.sqrt(len(d))}
+
+
 def summarize(name: str, run: Path) -> dict:
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
     dev = [json.loads(x) for x in (run / "dev.jsonl").read_text().splitlines()] if (run / "dev.jsonl").exists() else []
@@ -55,6 +78,12 @@ def summarize(name: str, run: Path) -> dict:
            "reward_by_step": [round(r, 4) for r in rewards], "reward_slope": slope(rewards),
            "dev_by_step": {d["step"]: {"dev": d["dev"], "ci95": d.get("dev_ci95"), "n": d.get("dev_n")} for d in dev},
            "wall_s": round(sum(m.get("rollout_s", 0) + m.get("update_s", 0) for m in metrics) + sum(d.get("eval_s", 0) for d in dev))}
+    if (run / "summary.json").exists():  # finished: test once, the chosen adapter against the untouched program
+        trained = test_scores(f"{name}-trained", ["--run", str(run)])
+        untouched = test_scores(f"{name}-untouched", RUNS[name][2])
+        out["test"] = {"trained": {k: trained[k] for k in ("mean", "ci95", "n")},
+                       "untouched": {k: untouched[k] for k in ("mean", "ci95", "n")},
+                       "trained_minus_untouched": paired(trained, untouched)}
     (HERE / "results" / f"long_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 
@@ -66,7 +95,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=0, help="stop this call cleanly after this long (0: run to the end)")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
-    config, overrides = RUNS[args.name]
+    config, overrides, _ = RUNS[args.name]
     out = HERE / "long_runs"
     found = sorted(out.glob(f"{args.name}-2*"))
     if found:  # continue it; --steps may lengthen it

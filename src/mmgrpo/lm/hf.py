@@ -124,7 +124,7 @@ class HFBackend:
 
     @classmethod
     def load(cls, name: str = "smollm2-135m", device: str = "auto", dtype: str = "auto",
-             sampler_dtype: str = "auto", **kw) -> "HFBackend":
+             sampler_dtype: str = "model", **kw) -> "HFBackend":
         from ..models import load, pick_sampler_dtype
 
         m = load(name, dtype=dtype, device=device)
