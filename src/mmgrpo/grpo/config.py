@@ -34,15 +34,17 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N. auto: CUDA where a GPU is visible, else CPU."""
     dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16. auto: bfloat16 on a GPU that has it, else float32. On a CPU
-    with native bf16 (avx512_bf16, amx_bf16) bfloat16 runs a step ~1.3x faster but the demo learned less
-    in it (docs/performance.md). The LoRA weights, optimizer state, log-probs and loss are float32 in
-    every case."""
+    """auto | float32 | bfloat16 | float16: the model's dtype, in which the update runs. auto: bfloat16 on
+    a GPU that has it, else float32. On a CPU with native bf16 a bfloat16 update is faster but the demo
+    learned less in it (docs/performance.md); there sampler_dtype puts bf16 where it is safe. The LoRA
+    weights, optimizer state, log-probs and loss are float32 in every case."""
     sampler_dtype: str = "auto"
     """auto | model | float32 | bfloat16 | float16: the dtype of a second copy of the weights that samples
     the rollouts and evaluations (the adapter merged in, refreshed after each update), while the update
-    runs in ``dtype``. model: no copy, the model samples. auto: the model samples. Where a copy
-    samples, tis_cap = "auto" corrects for it."""
+    runs in ``dtype``. model: no copy, the model samples. auto: bfloat16 for a float32 model on a CPU
+    with native bf16 (avx512_bf16, amx_bf16), where rollouts and dev run ~1.5x faster and the demo
+    learned as in float32 over 3 seeds (docs/performance.md); elsewhere the model samples. Where a
+    copy samples, tis_cap = "auto" corrects for it."""
     task: str = "banking77"
     """Task by name (see `mmgrpo.tasks.TASKS`); ignored when `program` is set."""
     task_options: dict = field(default_factory=dict)
