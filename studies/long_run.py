@@ -6,7 +6,8 @@ finished, the adapter dev chose and the untouched program are scored once on the
 (studies/long_runs/evals/), with their paired difference.
 
 Usage: python studies/long_run.py banking77 [--steps 100] [--minutes 40] [--set SECTION.KEY=VALUE ...]
-Runs: banking77 (the README demo's program and settings, 100 dev examples every 10 steps).
+Runs: banking77 (the README demo's program and settings, 100 dev examples every 10 steps), multihop and
+papillon (studies/configs/long_*.toml: the compare preset's step, dev every 10 steps).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ RUNS = {  # name -> (config, overrides, `mmgrpo eval` arguments of the untouched
     "banking77": (ROOT / "examples" / "banking77_demo.toml",
                   ["run.eval_every=10", "run.eval_examples=100", "run.checkpoint_every=5", "run.keep_checkpoints=1"],
                   ["--task", "banking77", "--n-labels", "10", "--n-demos", "5", "--no-reasoning", "--max-tokens", "24"]),
+    "multihop": (HERE / "configs" / "long_multihop.toml", [],
+                 ["--task", "multihop", "--task-option", "first_k=1", "--max-tokens", "48"]),
+    "papillon": (HERE / "configs" / "long_papillon.toml", [], ["--task", "papillon", "--max-tokens", "64"]),
 }
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 8: 2.31, 10: 2.23, 15: 2.13, 20: 2.09, 30: 2.04,
         60: 2.00, 120: 1.98}

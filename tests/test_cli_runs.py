@@ -87,3 +87,14 @@ def test_ctrl_c_stops_in_seconds_and_resume_alone_finishes_the_run(tmp_path, dat
     assert done.returncode == 0, err[-3000:]
     assert "resumed" in err and "± n/a" in stdout and (run / "result" / "result.json").exists()
     assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+def test_eval_takes_any_task_option_as_key_value():
+    from argparse import Namespace
+
+    from mmgrpo.cli import _task_options
+
+    opts = _task_options(Namespace(task_option=["first_k=1", "quality=chrf", "hops=[2]"], n_labels=10))
+    assert opts == {"n_labels": 10, "first_k": 1, "quality": "chrf", "hops": [2]}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _task_options(Namespace(task_option=["first_k"]))

@@ -19,6 +19,14 @@ def _task_options(args) -> dict:
             opts[key] = v
     if getattr(args, "no_reasoning", False):
         opts["reasoning"] = False
+    for item in getattr(args, "task_option", None) or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--task-option {item!r}: write KEY=VALUE, e.g. --task-option first_k=1")
+        try:
+            opts[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            opts[key] = raw  # a plain string
     return opts
 
 
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--quality", choices=["chrf", "judge"], default=None,
                    help="papillon: the quality half of the metric (default chrf without a judge endpoint)")
     e.add_argument("--seed", type=int, default=None, help="the task's split seed (built-in tasks)")
+    e.add_argument("--task-option", dest="task_option", action="append", default=None, metavar="KEY=VALUE",
+                   help="any other option of the built-in task (as [task] options in a config), e.g. first_k=1")
     e.add_argument("--out", default="runs", help="folder for the results")
     _device_args(e)
     e.set_defaults(fn=cmd_eval)
