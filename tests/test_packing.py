@@ -32,8 +32,8 @@ def test_prompts_that_begin_alike_share_their_common_prefix_and_others_do_not():
     # calls' segment splits after its first call (5 + 41 + 4 = 50), the rest repeating the prefix
     assert plan_packed(seqs, budget=60) == [[2, 3, 0, 1]]
     assert plan_packed(seqs, budget=50) == [[2, 3], [0, 1]]
-    # the cache kernel's padded batches: every prefix as long as the longest, every call's rest too
-    # ([2] with [3]: 2 x 41 + 2 x 4 = 90), so at 60 the short prompt goes alone; at 100 all fit (98)
+    # the cache kernel's padded batches: every prefix as long as the longest, every rest and completion too
+    # ([2] with [3]: 2 x 41 + 2 x 2 + 2 x 2 = 90), so at 60 the short prompt goes alone; at 100 all fit (98)
     assert plan_packed(seqs, budget=60, padded=True) == [[2], [3, 0, 1]]
     assert plan_packed(seqs, budget=100, padded=True) == [[2, 3, 0, 1]]
 
@@ -76,6 +76,10 @@ def test_the_rest_of_a_prompt_asked_by_several_calls_is_packed_once():
     assert plan_packed(seqs, budget=7) == [[0, 1], [2]]  # the second row repeats the prefix: 2 + 1 + 1
     assert pack(seqs, share_rests=False).ids.tolist() == [[1, 2, 3, 4, 5, 3, 6, 9, 7]]  # a rest per call
     assert plan_packed(seqs, budget=8, share_rests=False) == [[0, 1], [2]]
+    # the cache kernel's batches: the prefix (10), each distinct rest (2 x 2), each completion (4 x 1)
+    seqs = [([1] * 10 + [2, 3], [9]), ([1] * 10 + [2, 3], [9]), ([1] * 10 + [4, 5], [9]), ([1] * 10 + [4, 5], [9])]
+    assert plan_packed(seqs, budget=18, padded=True) == [[0, 1, 2, 3]]
+    assert len(plan_packed(seqs, budget=18, padded=True, share_rests=False)) == 2  # 10 + 4 x 2 + 4 = 22
 
 
 def test_pack_mask_positions_and_predictors():

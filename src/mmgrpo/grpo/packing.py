@@ -59,33 +59,37 @@ def plan_packed(seqs: list[Seq], budget: int, padded: bool = False, share_rests:
 
     A segment too long for the budget is split across micro-batches, each repeating its prefix
     (a call alone over the budget gets a micro-batch of its own). ``padded``: the cost is that of
-    the cache kernel's two padded batches, prefixes x the longest prefix + calls x the longest
-    rest (rest of prompt and completion), which bounds its activations as the budget does a row.
+    the cache kernel's three padded batches, prefixes x the longest prefix + distinct rests of
+    prompts x the longest rest + calls x the longest completion, which bounds its activations as
+    the budget does a row. ``share_rests``: a rest of a prompt asked by several calls is counted
+    once (else once per call).
     """
     batches: list[list[int]] = []
     cur: list[int] = []
-    n = n_pre = longest_pre = n_calls = longest_rest = 0
-    seen: set[tuple] = set()  # rests of prompts already in this micro-batch's row (packed once)
+    n = n_pre = longest_pre = n_rests = longest_r = n_calls = longest_c = 0
+    seen: set[tuple] = set()  # rests of prompts already in this micro-batch (computed once)
     for L, idx in segments([p for p, _ in seqs]):
         first = True  # the segment's prefix is (re)counted in every micro-batch it reaches
         for i in idx:
-            rest = len(seqs[i][0]) - L + len(seqs[i][1])
+            r, c = len(seqs[i][0]) - L, len(seqs[i][1])
             own = tuple(seqs[i][0][L:]) if share_rests else (i,)
+            new = first or own not in seen
             if padded:
-                size = ((n_pre + first) * max(longest_pre, L) + (n_calls + 1) * max(longest_rest, rest))
+                size = ((n_pre + first) * max(longest_pre, L) + (n_rests + new) * max(longest_r, r)
+                        + (n_calls + 1) * max(longest_c, c))
             else:
-                size = n + L * first + len(seqs[i][1]) + (len(seqs[i][0]) - L if first or own not in seen else 0)
+                size = n + L * first + c + (r if new else 0)
             if cur and size > budget:
                 batches.append(cur)
-                cur, n, n_pre, longest_pre, n_calls, longest_rest = [], 0, 0, 0, 0, 0
-                first = True
-                size = L + rest
+                cur, n, n_pre, longest_pre, n_rests, longest_r, n_calls, longest_c = [], 0, 0, 0, 0, 0, 0, 0
+                first = new = True
+                size = L + r + c
             if first:
                 seen = set()
             seen.add(own)
             cur.append(i)
-            n, n_pre, n_calls = size, n_pre + first, n_calls + 1
-            longest_pre, longest_rest = max(longest_pre, L), max(longest_rest, rest)
+            n, n_pre, n_rests, n_calls = size, n_pre + first, n_rests + new, n_calls + 1
+            longest_pre, longest_r, longest_c = max(longest_pre, L), max(longest_r, r), max(longest_c, c)
             first = False
     if cur:
         batches.append(cur)

@@ -84,7 +84,7 @@ class Trainer:
                              f"uses {attn!r}: set prefix_attention = \"cache\" (no block mask), shared_prefix = "
                              "false, or load the model with sdpa")
         self.attn = attn
-        self.share_rests = True  # the packed kernel packs a rest of a prompt asked by several calls once
+        self.share_rests = True  # a rest of a prompt asked by several calls is computed once (both kernels)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         distributed.sync_params(self.params)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -126,7 +126,7 @@ class Trainer:
                 self.kernel = "packed"
                 return packed
         self.kernel = "cache"
-        return plan_packed(seqs, self.cfg.token_budget, padded=True)
+        return plan_packed(seqs, self.cfg.token_budget, padded=True, share_rests=self.share_rests)
 
     def kernels(self) -> tuple[str, ...]:
         """The kernels prefix_attention allows ("packed" needs a block mask: sdpa or eager attention)."""
@@ -189,10 +189,10 @@ class Trainer:
 
     def cached_logprobs(self, seqs: list[tuple[list[int], list[int]]],
                         temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each shared prefix once (see packing.segments; left-padded into one batch, keeping its
-        keys/values), then every call's rest of prompt and completion as one batch attending to its
-        prefix's cached keys/values: attention only over what a token may see. Gradients flow back
-        into the prefixes through the cache."""
+        """A prompt tree in three batches, each attending to the cached keys/values of the one before:
+        each shared prefix once (see packing.segments), then each distinct rest of a prompt once (the
+        G samples of an example share theirs), then every completion. Each token attends only to what
+        it may see, and gradients flow back into the prefixes and rests through the caches."""
         from transformers import DynamicCache
 
         dev, pad = self.backend.device, self.backend.pad_id
@@ -201,7 +201,12 @@ class Trainer:
         for j, (L, idx) in enumerate(segs):
             for i in idx:
                 which[i], cut[i] = j, L
-        B, n_p, P = len(seqs), len(segs), max(L for L, _ in segs)
+        # the distinct prompts: rows of the second batch (the rest of each after its prefix)
+        distinct: dict[tuple, int] = {}
+        of = [distinct.setdefault(tuple(p) if self.share_rests else (i,), len(distinct))
+              for i, (p, _) in enumerate(seqs)]
+        firsts = [next(i for i in range(len(seqs)) if of[i] == d) for d in range(len(distinct))]
+        B, n_p, n_d, P = len(seqs), len(segs), len(distinct), max(L for L, _ in segs)
         T = max(len(c) for _, c in seqs)
         ids = torch.full((n_p, P), pad, dtype=torch.long)
         pmask = torch.zeros((n_p, P), dtype=torch.long)
@@ -211,44 +216,69 @@ class Trainer:
         ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids.to(dev), attention_mask=pmask.to(dev), position_ids=ppos.to(dev),
                          cache=DynamicCache(), use_cache=True, logits_to_keep=1)
-        rows = torch.tensor(which, device=dev)
-        first = out.logits[:, -1][rows].unsqueeze(1)  # (B, 1, V): each prefix's last position
-        # each call after its prefix: the rest of its prompt, then its completion but the last token,
-        # right-aligned, so that the last W columns hold every completion token's predictor
-        tails = [p[cut[i]:] + c[:-1] for i, (p, c) in enumerate(seqs)]
-        R = max(len(t) for t in tails)
-        W = min(T, R)
-        logits = first
-        if R > 0:
-            cids = torch.full((B, R), pad, dtype=torch.long)
-            cmask = torch.zeros((B, P + R), dtype=torch.long)
-            cmask[:, :P] = pmask[which]
-            cpos = torch.zeros((B, R), dtype=torch.long)
+        # the logits that predict each completion's first token: its prompt's last position
+        first = out.logits[:, -1][torch.tensor([which[i] for i in firsts], device=dev)]  # (n_d, V)
+        cache, mask, dwhich = out.cache, pmask, [which[i] for i in firsts]
+        rests = [seqs[i][0][cut[i]:] for i in firsts]
+        R = max(len(r) for r in rests)
+        if R > 0:  # the rests, right-aligned after their prefix
+            rids = torch.full((n_d, R), pad, dtype=torch.long)
+            rmask = torch.zeros((n_d, P + R), dtype=torch.long)
+            rmask[:, :P] = pmask[dwhich]
+            rpos = torch.zeros((n_d, R), dtype=torch.long)
+            for d, r in enumerate(rests):
+                if r:
+                    rids[d, R - len(r):] = torch.tensor(r, dtype=torch.long)
+                    rmask[d, P + R - len(r):] = 1
+                    rpos[d, R - len(r):] = torch.arange(cut[firsts[d]], cut[firsts[d]] + len(r))
+            rcache = DynamicCache()
+            rows = torch.tensor(dwhich, device=dev)
+            for li, layer in enumerate(out.cache.layers):
+                rcache.update(layer.keys[rows], layer.values[rows], li)
+            rout = self.model(input_ids=rids.to(dev), attention_mask=rmask.to(dev), position_ids=rpos.to(dev),
+                              cache=rcache, use_cache=True, logits_to_keep=1)
+            has_rest = torch.tensor([len(r) > 0 for r in rests], device=dev).unsqueeze(-1)
+            first = torch.where(has_rest, rout.logits[:, -1], first)
+            cache, mask = rout.cache, rmask
+        else:
+            mask = pmask[dwhich]
+        # every completion but its last token after its prompt, right-aligned: the last W columns hold
+        # the predictors of every completion token after the first
+        tails = [c[:-1] for _, c in seqs]
+        W = max(len(t) for t in tails)
+        logits = first[torch.tensor(of, device=dev)].unsqueeze(1)  # (B, 1, V)
+        if W > 0:
+            C = mask.shape[1]
+            cids = torch.full((B, W), pad, dtype=torch.long)
+            cmask = torch.zeros((B, C + W), dtype=torch.long)
+            cmask[:, :C] = mask[of]
+            cpos = torch.zeros((B, W), dtype=torch.long)
             for i, t in enumerate(tails):
                 if t:
-                    cids[i, R - len(t):] = torch.tensor(t, dtype=torch.long)
-                    cmask[i, P + R - len(t):] = 1
-                    cpos[i, R - len(t):] = torch.arange(cut[i], cut[i] + len(t))
-            cache = DynamicCache()
-            for li, layer in enumerate(out.cache.layers):
-                cache.update(layer.keys[rows], layer.values[rows], li)
-            rest = self.model(input_ids=cids.to(dev), attention_mask=cmask.to(dev), position_ids=cpos.to(dev),
-                              cache=cache, use_cache=True, logits_to_keep=W).logits
-            logits = torch.cat([first, rest], dim=1)  # (B, 1 + W, V)
-        # right-aligned output column j of call i holds completion token k = j - (T - len(c)), predicted
-        # by the tail's token before it (column 1 + W - len(c) + k), or by the prefix (column 0) when
-        # it is the first token and nothing of the prompt is left after the prefix
+                    n = len(seqs[i][0])
+                    cids[i, W - len(t):] = torch.tensor(t, dtype=torch.long)
+                    cmask[i, C + W - len(t):] = 1
+                    cpos[i, W - len(t):] = torch.arange(n, n + len(t))
+            ccache = DynamicCache()
+            rows = torch.tensor(of, device=dev)
+            for li, layer in enumerate(cache.layers):
+                ccache.update(layer.keys[rows], layer.values[rows], li)
+            tail = self.model(input_ids=cids.to(dev), attention_mask=cmask.to(dev), position_ids=cpos.to(dev),
+                              cache=ccache, use_cache=True, logits_to_keep=W).logits
+            logits = torch.cat([logits, tail], dim=1)  # (B, 1 + W, V)
+        # right-aligned output column j of call i holds completion token k = j - (T - len(c)): the first
+        # is predicted by its prompt (column 0), token k > 0 by the tail's token before it (1 + W - len(c) + k)
         col = torch.zeros((B, T), dtype=torch.long)
         targets = torch.full((B, T), pad, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.bool)
-        for i, (p, c) in enumerate(seqs):
+        tmask = torch.zeros((B, T), dtype=torch.bool)
+        for i, (_, c) in enumerate(seqs):
             ks = torch.arange(len(c))
-            col[i, T - len(c):] = torch.where((ks == 0) & (len(p) == cut[i]), 0, 1 + W - len(c) + ks)
+            col[i, T - len(c):] = torch.where(ks == 0, 0, 1 + W - len(c) + ks)
             targets[i, T - len(c):] = torch.tensor(c)
-            mask[i, T - len(c):] = True
+            tmask[i, T - len(c):] = True
         logits = logits.gather(1, col.to(dev).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         lp = token_logprobs(logits / temps.view(-1, 1, 1), targets.to(dev))
-        return lp * mask.to(dev), mask.to(dev)
+        return lp * tmask.to(dev), tmask.to(dev)
 
     def completion_logprobs(self, seqs: list[tuple[list[int], list[int]]],
                             temps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
