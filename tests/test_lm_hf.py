@@ -216,9 +216,10 @@ def test_a_program_that_ends_right_after_its_reply_exits_cleanly():
     assert out.stdout.strip().splitlines()[-1] == "batcher alive at exit: False"
 
 
-def test_a_sampler_copy_follows_the_trained_weights_and_the_frozen_view_keeps_the_model():
+def test_a_sampler_copy_follows_the_trained_weights_and_the_frozen_view_samples_the_base_in_its_dtype():
     """sampler_dtype: the trained variant samples from a bfloat16 copy that holds the live weights with
-    the adapter merged, refreshed after each update; the adapter-off view still runs the live model."""
+    the adapter merged, refreshed after each update; the adapter-off view samples the base weights in
+    bfloat16."""
     import torch
     from conftest import tiny_backend
     from peft import LoraConfig, get_peft_model
@@ -256,9 +257,11 @@ def test_a_sampler_copy_follows_the_trained_weights_and_the_frozen_view_keeps_th
         assert torch.equal(lm._sampler.get_input_embeddings().weight, emb.to(torch.bfloat16))
     frozen = [lm.frozen().complete(p, params[0]) for p in prompts]
     lm.close()
-    ref = HFBackend(lm.model, lm.tokenizer)  # the live model alone, adapter off
-    with lm.peft.disable_adapter():
-        want = ref.generate_batch(prompts, params)
+    import copy
+
+    base = copy.deepcopy(lm.peft).unload().to(torch.bfloat16)  # the live base weights, adapter off, cast
+    ref = HFBackend(base, lm.tokenizer)
+    want = ref.generate_batch(prompts, params)
     ref.close()
     for a, b in zip(frozen, want):
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

@@ -44,7 +44,8 @@ class TrainConfig:
     runs in ``dtype``. model: no copy, the model samples. auto: bfloat16 for a float32 model on a CPU
     with native bf16 (avx512_bf16, amx_bf16), where rollouts and dev run ~1.5x faster and the demo
     learned as in float32 over 3 seeds (docs/performance.md); elsewhere the model samples. Where a
-    copy samples, tis_cap = "auto" corrects for it."""
+    copy samples, tis_cap = "auto" corrects for it, and the adapter-off variant (an outside LM, a
+    judge) samples the base weights in that dtype."""
     task: str = "banking77"
     """Task by name (see `mmgrpo.tasks.TASKS`); ignored when `program` is set."""
     task_options: dict = field(default_factory=dict)

@@ -105,6 +105,10 @@ class HFBackend:
 
             self._sampler = copy.deepcopy(model).to(getattr(torch, sampler_dtype)).eval()
             self._sampler.requires_grad_(False)
+        # the adapter-off variant (an outside LM, a judge) in the sampler's dtype too: the base weights
+        self._base = None
+        if self._sampler is not None and not any("lora_" in n for n, _ in model.named_parameters()):
+            self._base = copy.deepcopy(self._sampler)
         self._cv = threading.Condition()  # guards _pending, _active, _closed
         self._pending: list[_Request] = []
         self._closed = False
@@ -335,8 +339,13 @@ class HFBackend:
 
     def _net(self, adapter: str | None):
         """The weights that run a batch of ``adapter``: the sampler copy for the trained variant (the
-        live weights with the adapter merged, cast; refreshed after each update), else the live model."""
-        if self._sampler is None or adapter is not None or self._plain:
+        live weights with the adapter merged, cast; refreshed after each update), the base weights
+        in the sampler's dtype for the adapter-off variant, else the live model."""
+        if self._sampler is None or self._plain:
+            return self.model
+        if adapter == BASE:
+            return self._base if self._base is not None else self.model
+        if adapter is not None:
             return self.model
         if self._sampler_version != self.version:
             self._sync_sampler()
