@@ -317,3 +317,18 @@ def test_a_server_reachable_beyond_this_machine_without_a_key_is_warned_about():
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
         assert exposure_warning(host, None) is None
     assert exposure_warning("0.0.0.0", "secret") is None
+
+
+def test_the_adapter_and_prompts_routes_can_be_turned_off():
+    backend = tiny_backend()
+    srv = serve.start(backend, "127.0.0.1", 0, prompts={"m": {"instruction": "private"}},
+                      limits=serve.Limits(adapter_api=False, prompts_api=False))
+    port = srv.server_address[1]
+    try:
+        assert call(port, "/v1/prompts", key=None)[0] == 404
+        assert call(port, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "a"}, key=None)[0] == 404
+        assert call(port, "/v1/unload_lora_adapter", {"lora_name": "a"}, key=None)[0] == 404
+        assert call(port, "/v1/completions", {**PROMPT, "model": "mmgrpo"}, key=None)[0] == 200
+    finally:
+        srv.shutdown()
+        backend.close()
