@@ -261,3 +261,18 @@ def test_auto_packs_prefixes_that_fit_a_row_and_caches_longer_ones():
     fixed = Trainer(tiny_backend(), TrainConfig(shared_prefix=True, pack_tokens=64, prefix_attention="packed"))
     fixed.plan(long)
     assert fixed.kernel == "packed"  # a kernel named in the config is kept
+
+
+def test_the_cache_kernel_keeps_each_prompt_with_its_own_keys_when_no_rest_is_left():
+    """Two prompts with nothing in common, each its own segment and asked whole, seen first in the
+    order opposite to the segments' sorted order: the same log-probs as the padded forward."""
+    from conftest import tiny_backend
+
+    trainer = Trainer(tiny_backend(), TrainConfig(shared_prefix=True, prefix_attention="cache"))
+    seqs = [([900, 800, 700], [11, 12]), ([5, 6, 7, 8], [13]), ([900, 800, 700], [14, 15, 16])]
+    temps = torch.ones(3)
+    with torch.no_grad():
+        cached, cmask = trainer.cached_logprobs(seqs, temps)
+        plain, pmask = trainer.completion_logprobs(seqs, temps)
+    assert torch.equal(cmask, pmask)
+    assert torch.allclose(cached[cmask], plain[pmask], atol=1e-5)

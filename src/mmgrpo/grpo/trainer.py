@@ -65,6 +65,16 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def _rows(cache, rows: list[int], dev):
+    """A new cache holding the given rows of ``cache`` (differentiable: gradients reach the source)."""
+    from transformers import DynamicCache
+
+    out, idx = DynamicCache(), torch.tensor(rows, device=dev)
+    for li, layer in enumerate(cache.layers):
+        out.update(layer.keys[idx], layer.values[idx], li)
+    return out
+
+
 class Trainer:
     def __init__(self, backend, cfg: TrainConfig):
         from peft import LoraConfig, get_peft_model
@@ -218,30 +228,25 @@ class Trainer:
                          cache=DynamicCache(), use_cache=True, logits_to_keep=1)
         # the logits that predict each completion's first token: its prompt's last position
         first = out.logits[:, -1][torch.tensor([which[i] for i in firsts], device=dev)]  # (n_d, V)
-        cache, mask, dwhich = out.cache, pmask, [which[i] for i in firsts]
+        dwhich = [which[i] for i in firsts]
+        cache, mask = _rows(out.cache, dwhich, dev), pmask[dwhich]  # each distinct prompt's prefix
         rests = [seqs[i][0][cut[i]:] for i in firsts]
         R = max(len(r) for r in rests)
         if R > 0:  # the rests, right-aligned after their prefix
             rids = torch.full((n_d, R), pad, dtype=torch.long)
             rmask = torch.zeros((n_d, P + R), dtype=torch.long)
-            rmask[:, :P] = pmask[dwhich]
+            rmask[:, :P] = mask
             rpos = torch.zeros((n_d, R), dtype=torch.long)
             for d, r in enumerate(rests):
                 if r:
                     rids[d, R - len(r):] = torch.tensor(r, dtype=torch.long)
                     rmask[d, P + R - len(r):] = 1
                     rpos[d, R - len(r):] = torch.arange(cut[firsts[d]], cut[firsts[d]] + len(r))
-            rcache = DynamicCache()
-            rows = torch.tensor(dwhich, device=dev)
-            for li, layer in enumerate(out.cache.layers):
-                rcache.update(layer.keys[rows], layer.values[rows], li)
             rout = self.model(input_ids=rids.to(dev), attention_mask=rmask.to(dev), position_ids=rpos.to(dev),
-                              cache=rcache, use_cache=True, logits_to_keep=1)
+                              cache=cache, use_cache=True, logits_to_keep=1)
             has_rest = torch.tensor([len(r) > 0 for r in rests], device=dev).unsqueeze(-1)
             first = torch.where(has_rest, rout.logits[:, -1], first)
             cache, mask = rout.cache, rmask
-        else:
-            mask = pmask[dwhich]
         # every completion but its last token after its prompt, right-aligned: the last W columns hold
         # the predictors of every completion token after the first
         tails = [c[:-1] for _, c in seqs]
@@ -259,10 +264,7 @@ class Trainer:
                     cids[i, W - len(t):] = torch.tensor(t, dtype=torch.long)
                     cmask[i, C + W - len(t):] = 1
                     cpos[i, W - len(t):] = torch.arange(n, n + len(t))
-            ccache = DynamicCache()
-            rows = torch.tensor(of, device=dev)
-            for li, layer in enumerate(cache.layers):
-                ccache.update(layer.keys[rows], layer.values[rows], li)
+            ccache = _rows(cache, of, dev)
             tail = self.model(input_ids=cids.to(dev), attention_mask=cmask.to(dev), position_ids=cpos.to(dev),
                               cache=ccache, use_cache=True, logits_to_keep=W).logits
             logits = torch.cat([logits, tail], dim=1)  # (B, 1 + W, V)
