@@ -1,4 +1,4 @@
-"""Write docs/configuration.md from the documented fields of mmgrpo's config (grpo/config.py):
+"""Write docs/configuration.md from the documented fields of mmgrpo's config (config/schema.py):
 every key by section, with its type, default and the docstring written under it.
 
 Usage: python scripts/config_doc.py            (rewrites the page; tests/test_docs.py fails when it is stale)
@@ -11,7 +11,7 @@ import inspect
 import json
 from pathlib import Path
 
-from mmgrpo.grpo import config
+from mmgrpo import config
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 INTRO = """# Configuration
@@ -21,7 +21,7 @@ from the command line with `--set SECTION.KEY=VALUE`, or from Python with
 `mmgrpo.optimize(config={"SECTION": {"KEY": VALUE}})`. An unknown key, a key in the wrong section and a
 value of the wrong type are errors that name the key. Example: `examples/banking77_demo.toml`.
 
-This page is generated from the documented fields of `src/mmgrpo/grpo/config.py` by
+This page is generated from the documented fields of `src/mmgrpo/config/schema.py` by
 `python scripts/config_doc.py`.
 """
 

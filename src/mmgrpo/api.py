@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from .compose import result_of, run
-from .grpo.config import TrainConfig, load_config
+from .config import TrainConfig, load_config
 from .grpo.run import build
 from .program import Program
 from .result import OptimizedProgram
@@ -23,7 +23,7 @@ def optimize(program: Program, train: Sequence[Any], dev: Sequence[Any], metric:
     train, dev, test: ``Example``s, or dicts whose keys are the program's inputs (the parameters of
     its ``forward``, or ``input_fields``) plus gold fields. metric(example, prediction) -> float is
     what dev scores report; ``reward`` (default: metric) is what mmGRPO trains on. ``config``: a
-    dict or a TOML/YAML file of config sections (see ``mmgrpo.grpo.config``); ``strategy`` and
+    dict or a TOML/YAML file of config sections (see ``mmgrpo.config``); ``strategy`` and
     ``model`` win over the same keys there. The run folder (under
     run.out, default runs/) keeps logs and checkpoints; ``resume`` continues one.
     """

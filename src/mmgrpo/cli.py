@@ -85,7 +85,7 @@ def cmd_eval(args) -> int:
 
 def cmd_train(args) -> int:
     from .compose import run
-    from .grpo.config import load_config
+    from .config import load_config
 
     overrides = []
     if args.task:
@@ -98,7 +98,7 @@ def cmd_train(args) -> int:
     if args.resume:  # the run's own config, with what the command line changes on top (checked in build)
         from pathlib import Path
 
-        from .grpo.config import with_defaults
+        from .config import with_defaults
 
         found = Path(args.resume) / "config.json"
         if not found.exists():
@@ -136,7 +136,7 @@ def cmd_export(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import PRESETS, compare, saved_settings
-    from .grpo.config import load_config
+    from .config import load_config
 
     if args.resume and not args.config and not args.set and not args.task:
         cfg, kwargs = saved_settings(args.resume)

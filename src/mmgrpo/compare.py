@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .grpo.config import TrainConfig, with_defaults
+from .config import TrainConfig, with_defaults
 from .rollout import evaluate, mean_ci
 from .runlog import RunDir, diff_ci, format_table, pm, write_json
 
@@ -169,7 +169,7 @@ def plot(root: Path, rows: dict[str, dict], title: str) -> Path | None:
 def saved_settings(folder: str | Path) -> tuple[TrainConfig, dict]:
     """The config a comparison folder was started with, and the rest of its settings as keyword
     arguments of `compare` (test_limit, arms, seeds), to finish it as it began."""
-    from .grpo.config import from_dict
+    from .config import from_dict
 
     saved = Path(folder) / "compare.json"
     if not saved.exists():

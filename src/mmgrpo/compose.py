@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, is_dataclass
 
-from .grpo.config import TrainConfig
+from .config import TrainConfig
 from .grpo.run import MMGRPO, build, fit, print_summary
 from .tasks import TASKS as TASK_NAMES
 

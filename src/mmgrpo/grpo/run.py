@@ -18,7 +18,7 @@ from ..rollout import evaluate, sample, trajectory_seed
 from ..runlog import MANIFEST, RunDir, format_table, publish_dir, recover_dir, verify_manifest
 from ..trace import ERROR, OK, PARSE_FAILURE
 from . import distributed
-from .config import TrainConfig, with_defaults
+from ..config import TrainConfig, with_defaults
 from .groups import assign_weights, compute_advantages, group_calls
 from .stats import module_stats, sampled_entropy
 from .trainer import Trainer, write_latest

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..runlog import atomic_write, publish_dir, write_json, write_manifest
 from . import distributed
-from .config import TIS_CAP, TrainConfig
+from ..config import TIS_CAP, TrainConfig
 from .groups import Grouping
 from .loss import grpo_loss, normalizer_total, sequence_coefficients, token_logprobs
 from .packing import pack, plan_packed, segments, unpack
