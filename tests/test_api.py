@@ -151,7 +151,7 @@ def test_cli_errors_name_the_file_line_and_the_import(tmp_path, monkeypatch, cap
 
 
 def test_sections_are_checked_and_old_flat_keys_say_where_they_moved(tmp_path):
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
 
     f = tmp_path / "c.toml"
     f.write_text("temperature = 0.5\n")
@@ -167,7 +167,7 @@ def test_sections_are_checked_and_old_flat_keys_say_where_they_moved(tmp_path):
 
 
 def test_bfloat16_on_cpu_runs_an_update_end_to_end(tmp_path):
-    from mmgrpo.grpo.config import TrainConfig
+    from mmgrpo.config import TrainConfig
     from mmgrpo.grpo.run import MMGRPO
     from mmgrpo.lm.hf import HFBackend
     from mmgrpo.runlog import RunDir

@@ -35,7 +35,7 @@ def test_demo_threshold_decides_which_runs_give_demos_and_reaches_the_search(lm,
     import types
 
     from mmgrpo import compose
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
     from mmgrpo.optimizers import bootstrap, mipro
 
     task = get_task("banking77", n_labels=10, n_demos=5, reasoning=False)

@@ -113,7 +113,7 @@ def test_update_prompt_without_demos_is_the_instruction_and_input(lm):
 
 def test_compare_over_seeds_folders_table_and_resume(tmp_path, capsys):
     from mmgrpo.compare import compare, saved_settings
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
 
     cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.seed=3",
                                        "run.eval_examples=4", "run.progress=false"],
@@ -149,7 +149,7 @@ def test_compare_over_seeds_folders_table_and_resume(tmp_path, capsys):
 
 def test_across_seeds_averages_examples_then_pairs(tmp_path):
     from mmgrpo.compare import _across_seeds
-    from mmgrpo.grpo.config import TrainConfig
+    from mmgrpo.config import TrainConfig
     from mmgrpo.runlog import RunDir
 
     def rec(name, scores):
@@ -169,7 +169,7 @@ def test_across_seeds_averages_examples_then_pairs(tmp_path):
 
 def test_run_seed_runs_only_the_named_arms_and_waits_with_the_table(tmp_path):
     from mmgrpo.compare import run_seed
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
 
     cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.eval_examples=4",
                                        "run.progress=false"],

@@ -52,7 +52,7 @@ def test_unknown_step_is_a_clear_cli_error(tmp_path, capsys):
 def _search_scores_ids(tmp_path, monkeypatch, val_examples: int):
     """The example ids a bootstrap search scored its candidates on, and the job it ran in."""
     from mmgrpo.compose import prompts_step
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
     from mmgrpo.grpo.run import build
     from mmgrpo.optimizers import bootstrap
 
@@ -87,7 +87,7 @@ def test_the_prompt_search_can_score_on_held_out_training_examples_and_leave_dev
 
 
 def test_too_few_training_examples_for_the_search_set_is_a_clear_error(tmp_path):
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
     from mmgrpo.grpo.run import build
 
     cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false",

@@ -16,7 +16,7 @@ def test_the_configuration_page_is_generated_from_the_current_config():
 
 
 def test_every_config_field_is_documented_on_the_page():
-    from mmgrpo.grpo.config import WHERE
+    from mmgrpo.config import WHERE
 
     docs = config_doc.field_docs()
     assert set(WHERE) <= set(docs), sorted(set(WHERE) - set(docs))  # a field without its docstring

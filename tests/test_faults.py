@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toy import toy_task  # noqa: E402
 
 from mmgrpo.grpo import trainer as trainer_mod  # noqa: E402
-from mmgrpo.grpo.config import TrainConfig  # noqa: E402
+from mmgrpo.config import TrainConfig  # noqa: E402
 from mmgrpo.grpo.groups import Group, Grouping, Member  # noqa: E402
 from mmgrpo.grpo.run import MMGRPO, TrainingStopped, fit  # noqa: E402
 from mmgrpo.lm.base import SamplingParams  # noqa: E402

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from mmgrpo import serve
 from mmgrpo.compose import STEPS, parse_strategy
 from mmgrpo.data import read_jsonl, to_examples
-from mmgrpo.grpo.config import SECTIONS, TrainConfig, from_dict, load_config
+from mmgrpo.config import SECTIONS, TrainConfig, load_config
 from mmgrpo.lm.base import Completion, SamplingParams
 from mmgrpo.program import Module, ParseError
 from mmgrpo.retrieve import read_corpus

@@ -256,7 +256,7 @@ def test_per_trajectory_off_gives_every_call_weight_one(trajs):
 
 
 def test_learning_rate_schedules_by_value():
-    from mmgrpo.grpo.config import TrainConfig
+    from mmgrpo.config import TrainConfig
     from mmgrpo.grpo.trainer import lr_lambda
 
     f = lr_lambda(TrainConfig(steps=10, warmup_steps=2, lr_schedule="linear"))

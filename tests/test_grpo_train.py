@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.groups import assign_weights, compute_advantages, group_calls
 from mmgrpo.grpo.run import MMGRPO, TrainingStopped, fit
 from mmgrpo.grpo.trainer import Trainer
@@ -97,7 +97,7 @@ def test_resume_after_sigkill_gives_the_same_final_adapter_on_a_busy_machine(tmp
 
 
 def test_config_errors_name_the_key(tmp_path):
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
 
     bad = tmp_path / "c.toml"
     bad.write_text('[grpo]\nlearning_rat = 0.1\n')
@@ -208,7 +208,7 @@ def test_error_rollouts_stop_the_run_before_training_and_it_resumes(tmp_path):
 def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path):
     import json
 
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
     from mmgrpo.grpo.run import build
 
     cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false"])
@@ -227,7 +227,7 @@ def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path):
 
 
 def test_continuous_batching_is_a_rollout_setting_that_reaches_the_backend(tmp_path):
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
     from mmgrpo.grpo.run import build
 
     for value in (True, False):
@@ -239,7 +239,7 @@ def test_continuous_batching_is_a_rollout_setting_that_reaches_the_backend(tmp_p
 
 
 def test_prefill_tokens_is_a_rollout_setting_that_reaches_the_backend(tmp_path):
-    from mmgrpo.grpo.config import load_config
+    from mmgrpo.config import load_config
     from mmgrpo.grpo.run import build
 
     for value in (4096, 0):  # 0: chunks bounded by rows only

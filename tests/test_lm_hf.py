@@ -112,7 +112,7 @@ def test_rows_asking_the_same_prompt_are_prefilled_once_and_sample_as_alone():
 
 
 def test_chunks_split_sorted_rows_by_count_and_padded_tokens():
-    from mmgrpo.lm.hf import _chunks
+    from mmgrpo.lm.decode import _chunks
 
     lens = [10, 20, 30, 400, 5]
     order = sorted(range(5), key=lambda i: lens[i])  # 4, 0, 1, 2, 3

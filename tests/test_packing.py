@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.loss import grpo_loss, sequence_coefficients
 from mmgrpo.grpo.packing import pack, plan_packed, segments
 from mmgrpo.grpo.trainer import Trainer

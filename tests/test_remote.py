@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toy import short, toy_task  # noqa: E402
 
 from mmgrpo import serve  # noqa: E402
-from mmgrpo.grpo.config import TrainConfig  # noqa: E402
+from mmgrpo.config import TrainConfig  # noqa: E402
 from mmgrpo.grpo.run import MMGRPO, TrainingStopped, fit  # noqa: E402
 from mmgrpo.lm.base import SamplingParams  # noqa: E402
 from mmgrpo.lm.hf import HFBackend  # noqa: E402
 from mmgrpo.lm.openai import LMServerError, LMUnavailable  # noqa: E402
-from mmgrpo.lm.remote import RemotePolicy, completion_body  # noqa: E402
+from mmgrpo.lm.remote import RemotePolicy  # noqa: E402
 from mmgrpo.runlog import RunDir  # noqa: E402
 
 

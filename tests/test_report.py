@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from toy import toy_task  # noqa: E402
 
-from mmgrpo.grpo.config import TrainConfig  # noqa: E402
+from mmgrpo.config import TrainConfig  # noqa: E402
 from mmgrpo.grpo.run import MMGRPO, fit  # noqa: E402
 from mmgrpo.report import write_report  # noqa: E402
 from mmgrpo.runlog import RunDir  # noqa: E402

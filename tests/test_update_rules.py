@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_backend  # noqa: E402
 from toy import toy_task  # noqa: E402
 
-from mmgrpo.grpo.config import TrainConfig, with_defaults  # noqa: E402
+from mmgrpo.config import TrainConfig, with_defaults  # noqa: E402
 from mmgrpo.grpo.groups import Group, Grouping, Member  # noqa: E402
 from mmgrpo.grpo.trainer import Trainer  # noqa: E402
 from mmgrpo.trace import ModuleCall  # noqa: E402

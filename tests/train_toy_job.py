@@ -22,7 +22,7 @@ from toy import short, toy_task  # noqa: E402
 
 from mmgrpo import runlog  # noqa: E402
 from mmgrpo.grpo import trainer as trainer_mod  # noqa: E402
-from mmgrpo.grpo.config import TrainConfig  # noqa: E402
+from mmgrpo.config import TrainConfig  # noqa: E402
 from mmgrpo.grpo.run import MMGRPO, fit  # noqa: E402
 from mmgrpo.lm.hf import HFBackend  # noqa: E402
 from mmgrpo.runlog import RunDir  # noqa: E402
