@@ -21,7 +21,8 @@ from . import distributed
 from ..config import TrainConfig, with_defaults
 from .groups import assign_weights, compute_advantages, group_calls
 from .stats import module_stats, sampled_entropy
-from .trainer import Trainer, write_latest
+from .checkpoint import write_latest
+from .trainer import Trainer
 
 
 # where rollouts run, what watches the run and where its folder sits (a folder moved, or named by a
