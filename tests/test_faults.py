@@ -130,10 +130,10 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run_in_a_row(backen
     assert skipped["updated"] is False and skipped["nonfinite_skipped"] is True
     assert all(torch.equal(after_good[n], p) for n, p in adapter_state(job).items())  # weights unchanged
     # in the loop: one skipped step is logged and counted, the second in a row stops the run
-    from mmgrpo.grpo import run as run_mod
+    from mmgrpo.grpo import job as job_mod
 
     job.cfg.batch_examples, job.cfg.group_size, job.cfg.max_tokens = 1, 2, 8
-    monkeypatch.setattr(run_mod, "group_calls", lambda *a: grouping(backend))  # groups whatever was sampled
+    monkeypatch.setattr(job_mod, "group_calls", lambda *a: grouping(backend))  # groups whatever was sampled
     rec = job.train_step(1)
     assert rec["nonfinite_skipped"] and job.nonfinite == 1
     with pytest.raises(TrainingStopped, match="2 updates in a row had a non-finite loss"):
