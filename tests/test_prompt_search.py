@@ -77,10 +77,16 @@ def test_gepa_runs_through_the_real_package_with_a_reflection_lm(lm, task, scrip
     assert any("Proposed new text for classify" in line for line in res.extra["log"])
 
 
-def test_gepa_with_the_embedded_model_as_its_own_reflector_completes(lm, task):
+def test_gepa_with_the_embedded_model_as_its_own_reflector_keeps_the_best_scored_instructions(lm, task):
     program = task.make_program()
+    start = {n: s["instruction"] for n, s in program.prompt_state().items()}
     res = gepa_search(program, task.train[:4], task.dev[:3], task.metric, lm, max_metric_calls=9, minibatch=2, seed=1)
-    assert res.extra["reflection_calls"] >= 1 and res.trials and program.prompt_state() == res.best
+    assert res.extra["reflection_calls"] >= 1 and res.trials[0]["instructions"] == start  # the seed is scored first
+    # the loaded program is the best-scoring candidate on dev, never worse than where the search started
+    assert res.best_score == max(t["score"] for t in res.trials) >= res.trials[0]["score"]
+    loaded = {n: s["instruction"] for n, s in program.prompt_state().items()}
+    assert loaded in [t["instructions"] for t in res.trials if t["score"] == res.best_score]
+    assert program.prompt_state() == res.best
 
 
 def test_demo_sets_add_bootstrapped_demos_to_the_labelled_ones(task):
