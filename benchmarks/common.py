@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.groups import assign_weights, compute_advantages, group_calls
 from mmgrpo.grpo.trainer import Trainer
 from mmgrpo.lm.base import SamplingParams

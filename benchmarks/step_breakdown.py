@@ -13,7 +13,7 @@ import time
 
 from common import banking77_groups, machine
 
-from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.config import TrainConfig
 
 
 def main():

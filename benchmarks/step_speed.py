@@ -25,7 +25,7 @@ import torch
 from common import machine
 
 from mmgrpo.compare import PRESETS
-from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.run import build
 
 HERE = Path(__file__).parent

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import group_all, machine
 
-from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.packing import segments
 from mmgrpo.grpo.trainer import Trainer
 from mmgrpo.lm.base import SamplingParams

@@ -20,7 +20,7 @@ import time
 def one(variant: str, chars: int) -> dict:
     import torch
 
-    from mmgrpo.grpo.config import TrainConfig
+    from mmgrpo.config import TrainConfig
     from mmgrpo.grpo.trainer import Trainer
     from mmgrpo.lm.hf import HFBackend
     from mmgrpo.tasks.papillon import load_rows

@@ -16,7 +16,7 @@ import time
 
 from common import banking77_groups, machine, mm_peak_gflops
 
-from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.packing import pack
 
 

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from mmgrpo.compare import ARMS, PRESETS, _open, run_seed
-from mmgrpo.grpo.config import load_config
+from mmgrpo.config import load_config
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mmgrpo.compare import PRESETS
-from mmgrpo.grpo.config import load_config
+from mmgrpo.config import load_config
 
 VARIANTS = {  # name -> overrides of the preset (config attribute names)
     "base": {},

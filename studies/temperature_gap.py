@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from mmgrpo.grpo.config import TrainConfig
+from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.trainer import Trainer
 from mmgrpo.lm.base import SamplingParams
 from mmgrpo.lm.hf import HFBackend

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from mmgrpo.grpo.config import TrainConfig  # noqa: E402
+from mmgrpo.config import TrainConfig  # noqa: E402
 from mmgrpo.grpo.groups import Grouping, Group, Member, assign_weights  # noqa: E402
 from mmgrpo.grpo.trainer import Trainer  # noqa: E402
 from mmgrpo.lm.base import SamplingParams  # noqa: E402
