@@ -326,7 +326,7 @@ def test_training_through_mmgrpo_serve_matches_in_process_and_survives_an_outage
         # importance sampling off, as in-process: the same update on what the server sampled (it is on by
         # default with servers, tested in test_update_rules)
         remote = run_toy(toy_config(servers=[url], tis_cap="off"), tmp_path / "remote")
-        local = run_toy(toy_config(), tmp_path / "local")
+        run_toy(toy_config(), tmp_path / "local")
         a, b = adapter(tmp_path / "remote", 3), adapter(tmp_path / "local", 3)
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert diff < 1e-4, diff

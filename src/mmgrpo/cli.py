@@ -135,7 +135,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import PRESETS, compare, saved_settings
+    from .compare import PRESET_REASONS, PRESETS, compare, saved_settings
     from .config import load_config
 
     if args.resume and not args.config and not args.set and not args.task:
@@ -146,6 +146,8 @@ def cmd_compare(args) -> int:
         task = args.task or "banking77"
         cfg = load_config(args.config, overrides=[f"task.name={task}", *(args.set or [])],
                           defaults=None if args.config else PRESETS.get(task))
+        if not args.config and task in PRESET_REASONS:
+            print(f"preset {task}: {PRESET_REASONS[task]}")
         kwargs = {"test_limit": args.test_limit, "seeds": args.seeds or 1}
     t0 = time.time()
     compare(cfg, root=args.resume, **kwargs)
@@ -155,9 +157,7 @@ def cmd_compare(args) -> int:
 
 def cmd_serve(args) -> int:
     from .lm.hf import HFBackend
-    from .serve import start
-
-    from .serve import Limits
+    from .serve import Limits, start
 
     prompts, name, base = None, args.model, None
     if args.run:
