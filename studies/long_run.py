@@ -92,11 +92,32 @@ def summarize(name: str, run: Path) -> dict:
     return out
 
 
+def commit(name: str) -> None:
+    """Commit the run's records, its latest finished checkpoint (never one being written) and the summary."""
+    run = sorted((HERE / "long_runs").glob(f"{name}-2*"))[-1]
+    latest = run / "checkpoints" / "latest"
+    paths = [p for p in run.iterdir() if p.name not in ("checkpoints", "best_adapter")]
+    if latest.exists():
+        paths += [latest, run / "checkpoints" / latest.read_text().strip()]
+    summary = HERE / "results" / f"long_{name}.json"
+    paths += [summary] if summary.exists() else []
+    git = ["git", "-C", str(ROOT)]
+    step = sum(1 for _ in open(run / "metrics.jsonl")) if (run / "metrics.jsonl").exists() else 0
+    try:  # the old checkpoint leaves the index, the latest enters it
+        subprocess.run([*git, "rm", "-r", "-q", "--cached", "--ignore-unmatch", str(run / "checkpoints")], check=True)
+        subprocess.run([*git, "add", "-A", "-f", *map(str, paths)], check=True)
+        subprocess.run([*git, "commit", "-q", "-m", f"studies: long run {name}, {step} steps"], check=True)
+    except subprocess.CalledProcessError as e:  # e.g. the index busy: the next commit catches up
+        print(f"long_run: commit skipped ({e})", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("name", choices=list(RUNS))
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--minutes", type=float, default=0, help="stop this call cleanly after this long (0: run to the end)")
+    ap.add_argument("--commit-every", type=float, default=0, metavar="MIN",
+                    help="commit the run folder (records and latest checkpoint) to git this often, and at the end")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     config, overrides, _ = RUNS[args.name]
@@ -108,14 +129,20 @@ def main():
         sets = [*overrides, f"run.steps={args.steps}", f"run.name={args.name}", f"run.out={out}", *args.set]
         cmd = [str(config), *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "train", *cmd])
-    try:
-        proc.wait(timeout=args.minutes * 60 if args.minutes else None)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        proc.wait()
+    t0 = last = time.time()
+    while proc.poll() is None:
+        time.sleep(10)
+        if args.minutes and time.time() - t0 > args.minutes * 60:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+        elif args.commit_every and time.time() - last > args.commit_every * 60:
+            last = time.time()
+            commit(args.name)
     time.sleep(0.5)
     run = sorted(out.glob(f"{args.name}-2*"))[-1]
     s = summarize(args.name, run)
+    if args.commit_every:
+        commit(args.name)
     sl = s["reward_slope"]
     print(f"{args.name}: {s['steps_done']} steps, reward slope "
           + (f"{sl['per_100_steps']:+.3f} ± {100 * sl['ci95']:.3f} per 100 steps" if "slope" in sl else "n/a")
