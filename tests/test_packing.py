@@ -258,6 +258,13 @@ def test_auto_packs_prefixes_that_fit_a_row_and_caches_longer_ones():
     assert trainer.kernel == "cache" and sorted(i for mb in batches for i in mb) == [0, 1, 2, 3]
     logp, mask = trainer.logprobs(long)  # by the kernel chosen
     assert logp.shape[0] == 4 and int(mask.sum()) == 8
+    # an input whose attention block the cache kernel could not recompute goes packed (recomputed)
+    bounded = Trainer(tiny_backend(), TrainConfig(shared_prefix=True, pack_tokens=64, recompute_tokens=60))
+    batches = bounded.plan(long)
+    assert bounded.kernel == "packed" and sorted(i for mb in batches for i in mb) == [0, 1, 2, 3]
+    fits = Trainer(tiny_backend(), TrainConfig(shared_prefix=True, pack_tokens=64, recompute_tokens=90))
+    fits.plan(long)
+    assert fits.kernel == "cache"
     fixed = Trainer(tiny_backend(), TrainConfig(shared_prefix=True, pack_tokens=64, prefix_attention="packed"))
     fixed.plan(long)
     assert fixed.kernel == "packed"  # a kernel named in the config is kept

@@ -239,7 +239,8 @@ class TrainConfig:
     "cache" (the prefixes as one batch, then every call's rest of prompt and completion as a batch
     attending to its prefix's cached keys/values, gradients flowing back through them: no masked-out
     blocks, so long shared prefixes, such as a prompt search's demos, fit in one micro-batch), or
-    "auto": "packed" while every prefix fits a pack_tokens row with its calls, else "cache" (measured:
+    "auto": "packed" while every prefix fits a pack_tokens row with its calls, else "cache" while its
+    attention blocks fit recompute_tokens squared (it cannot recompute; a longer input goes packed) (measured:
     packed 1.9x faster on Banking77's short prompts, cache 2.1x faster with a prompt search's demos;
     each step's choice is `kernel` in metrics.jsonl)."""
     pack_tokens: int = 1024

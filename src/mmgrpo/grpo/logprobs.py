@@ -47,7 +47,7 @@ class LogprobKernels:
         once one does not (a prompt search's demos: such a prefix would get a row of its own, its N x N
         block mask growing past pack_tokens). Measured on this rule's two sides (docs/performance.md):
         on Banking77's 300-token prefixes packed is 1.9x faster, on many-hop's 1,500-token prefixes
-        with demos cache is 2.1x faster."""
+        with demos cache is 2.1x faster. "cache" only while its attention blocks fit (`_cache_fits`)."""
         if not self.cfg.shared_prefix:
             self.kernel = "plain"
             return self._micro_batches(seqs)
@@ -55,11 +55,22 @@ class LogprobKernels:
         if "packed" in kernels:
             packed = plan_packed(seqs, self.cfg.pack_tokens, padded=False, share_rests=self.share_rests)
             fits = all(self.forward_tokens([seqs[i] for i in mb], "packed") <= self.cfg.pack_tokens for mb in packed)
-            if fits or kernels == ("packed",):
+            if fits or kernels == ("packed",) or not self._cache_fits(seqs):
                 self.kernel = "packed"
                 return packed
         self.kernel = "cache"
         return plan_packed(seqs, self.cfg.token_budget, padded=True, share_rests=self.share_rests)
+
+    def _cache_fits(self, seqs: list[tuple[list[int], list[int]]]) -> bool:
+        """Whether the "cache" kernel's largest attention block (a prefix over itself, a rest over its
+        prefix and itself) stays within recompute_tokens squared: that kernel cannot recompute, so a
+        long input (a PUPA request asked by the G samples) goes to "packed", which recomputes it."""
+        limit = self.cfg.recompute_tokens ** 2
+        for L, idx in segments([p for p, _ in seqs]):
+            rests = {len(seqs[i][0]) - L for i in idx}
+            if max(L * L, *(r * (L + r) for r in rests)) > limit:
+                return False
+        return True
 
     def kernels(self) -> tuple[str, ...]:
         """The kernels prefix_attention allows ("packed" needs a block mask: sdpa or eager attention)."""
