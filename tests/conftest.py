@@ -68,3 +68,15 @@ def tiny_backend(**config):
                       **config)
     model = LlamaForCausalLM(cfg).eval()
     return HFBackend(model, tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_backend`'s model and tokenizer saved as a model folder, for processes that load a model by
+    name (`mmgrpo serve --model DIR`, `HFBackend.load(DIR)`): servers in tests of mechanics start in seconds."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    b = tiny_backend()
+    b.model.save_pretrained(folder, safe_serialization=True)
+    b.tokenizer.save_pretrained(folder)
+    b.close()
+    return str(folder)

@@ -144,11 +144,11 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run_in_a_row(backen
 class Delegating(Program):
     """The policy picks a word; an outside LM (a server) writes the sentence."""
 
-    def __init__(self, outside_url: str, on_run=lambda: None):
+    def __init__(self, outside_url: str, model: str, on_run=lambda: None):
         self.on_run = on_run
         self.pick = Module("pick", ["topic"], ["word"], "Give one word related to the topic.", max_tokens=8,
                            demos=[{"topic": "the sun", "word": "light"}], lenient=True)  # every run goes on
-        self.outside = OpenAIClient(outside_url, "smollm2-135m", retries=1, backoff_s=0.05, timeout_s=60)
+        self.outside = OpenAIClient(outside_url, model, retries=1, backoff_s=0.05, timeout_s=60)
 
     def forward(self, topic):
         self.on_run()
@@ -159,21 +159,24 @@ class Delegating(Program):
 
 
 def judged(judge: OpenAIClient):
-    """A reward that asks the judge (a server) first; the score itself: a short word."""
+    """A reward that asks the judge (a server) first; the score itself: a word of an even length (about half
+    of a random model's words, so groups differ)."""
     def reward(ex, pred) -> float:
         judge.chat([{"role": "user", "content": f"Is '{pred['sentence']}' about {ex.inputs['topic']}?"}],
                    SamplingParams(temperature=0.0, max_tokens=2))
-        return float(len(pred["word"].strip()) <= 5)
+        return float(len(pred["word"].strip()) % 2 == 0)
     return reward
 
 
-def test_outside_lm_and_judge_outages_stop_the_step_and_the_run_resumes_to_the_same_adapter(backend, tmp_path):
+def test_outside_lm_and_judge_outages_stop_the_step_and_the_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
+    """Mechanics only: the policy, the outside LM and the judge are a tiny random model."""
     from test_remote import free_port, start_server
 
     ports = {"outside": free_port(), "judge": free_port()}
-    procs = {k: start_server(p) for k, p in ports.items()}
+    procs = {k: start_server(p, tiny_model_dir) for k, p in ports.items()}
     urls = {k: f"http://127.0.0.1:{p}/v1" for k, p in ports.items()}
-    judge = OpenAIClient(urls["judge"], "smollm2-135m", retries=1, backoff_s=0.05)
+    judge = OpenAIClient(urls["judge"], tiny_model_dir, retries=1, backoff_s=0.05)
+    backend = HFBackend.load(tiny_model_dir, dtype="float32")
 
     def run(folder: Path, kill: str | None = None, at: int = 0):
         runs = [0]
@@ -188,7 +191,7 @@ def test_outside_lm_and_judge_outages_stop_the_step_and_the_run_resumes_to_the_s
                           temperature=0.8, eval_every=1, eval_examples=3, checkpoint_every=1, concurrency=1,
                           progress=False, seed=5)
         task = toy_task()
-        task.make_program = lambda: Delegating(urls["outside"], on_run)
+        task.make_program = lambda: Delegating(urls["outside"], tiny_model_dir, on_run)
         task.reward = task.metric = judged(judge)
         if backend.peft is not None:
             backend.model = backend.peft.unload()
@@ -202,12 +205,12 @@ def test_outside_lm_and_judge_outages_stop_the_step_and_the_run_resumes_to_the_s
         with pytest.raises(TrainingStopped, match="could not reach an LM server"):
             run(tmp_path / "cut", "outside", 3 + 8 + 3 + 3)
         assert [r["step"] for r in RunDir(tmp_path / "cut").read_log()] == [1]
-        procs["outside"] = start_server(ports["outside"])
+        procs["outside"] = start_server(ports["outside"], tiny_model_dir)
         # resumed at step 2 (no baseline run again); now the judge dies at the 3rd rollout of step 3
         with pytest.raises(TrainingStopped, match="could not reach an LM server"):
             run(tmp_path / "cut", "judge", 8 + 3 + 3)
         assert [r["step"] for r in RunDir(tmp_path / "cut").read_log()] == [1, 2]
-        procs["judge"] = start_server(ports["judge"])
+        procs["judge"] = start_server(ports["judge"], tiny_model_dir)
         run(tmp_path / "cut")
         log, want = RunDir(tmp_path / "cut").read_log(), RunDir(tmp_path / "straight").read_log()
         assert [r["step"] for r in log] == [1, 2, 3] and any(r["updated"] for r in log)
@@ -217,6 +220,7 @@ def test_outside_lm_and_judge_outages_stop_the_step_and_the_run_resumes_to_the_s
         b = load_file(str(tmp_path / "cut" / "checkpoints" / "step-000003" / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     finally:
+        backend.close()
         for p in procs.values():
             p.kill()
             p.wait()

@@ -116,6 +116,7 @@ def test_prompts_are_spread_over_several_servers_and_pushes_reach_all_or_none(fa
         assert len(set(FakeVLLM.ports)) == 2  # loaded on every server
     finally:
         other.shutdown()
+        other.server_close()  # gone: connections are refused (an open socket would hold them to the timeout)
     FakeVLLM.seen.clear()
     with pytest.raises(LMServerError):  # the second server is gone: the first unloads what it loaded
         pol.push(tmp_path / "b", "v2", 2)
@@ -275,9 +276,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int) -> subprocess.Popen:
+def start_server(port: int, model: str = "smollm2-135m") -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "serve", "--port", str(port), "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "serve", "--port", str(port), "--model", model,
+                             "--device", "cpu",
                              "--dtype", "float32", "--adapter-root", tempfile.gettempdir(),
                              "--no-continuous-batching"],  # rows of a batch start together, as in-process
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
