@@ -102,7 +102,8 @@ def commit(name: str) -> None:
     summary = HERE / "results" / f"long_{name}.json"
     paths += [summary] if summary.exists() else []
     git = ["git", "-C", str(ROOT)]
-    step = sum(1 for _ in open(run / "metrics.jsonl")) if (run / "metrics.jsonl").exists() else 0
+    metrics = run / "metrics.jsonl"
+    step = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     try:  # the old checkpoint leaves the index, the latest enters it
         subprocess.run([*git, "rm", "-r", "-q", "--cached", "--ignore-unmatch", str(run / "checkpoints")], check=True)
         subprocess.run([*git, "add", "-A", "-f", *map(str, paths)], check=True)

@@ -279,8 +279,7 @@ def free_port() -> int:
 def start_server(port: int, model: str = "smollm2-135m") -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "serve", "--port", str(port), "--model", model,
-                             "--device", "cpu",
-                             "--dtype", "float32", "--adapter-root", tempfile.gettempdir(),
+                             "--device", "cpu", "--dtype", "float32", "--adapter-root", tempfile.gettempdir(),
                              "--no-continuous-batching"],  # rows of a batch start together, as in-process
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
