@@ -50,8 +50,10 @@ def cpu_hog():
 
 def tiny_backend(**config):
     """An HFBackend over a tiny random-initialized model of the embedded model's architecture and
-    tokenizer: for tests of mechanics, not of the real model's behaviour. ``config``: LlamaConfig
-    overrides (e.g. attention_dropout)."""
+    tokenizer: for tests of mechanics, not of the real model's behaviour. Its output head is its own (not
+    the embeddings): with tied random weights greedy decoding repeats the input's last token (blank
+    replies), with its own head replies differ by input and parse. ``config``: LlamaConfig overrides
+    (e.g. attention_dropout)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -64,8 +66,8 @@ def tiny_backend(**config):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      **config)
+                      **{"tie_word_embeddings": False, **config}, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
     model = LlamaForCausalLM(cfg).eval()
     return HFBackend(model, tok)
 

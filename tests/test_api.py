@@ -38,24 +38,40 @@ def short_enough(example, pred) -> float:
     return float(len(pred["line"].split()) <= example.gold["max_words"])
 
 
+class LenientScene(Scene):
+    """Scene whose modules take a reply without its field marker whole: a tiny random model's replies
+    then parse (for tests of mechanics)."""
+
+    def __init__(self):
+        super().__init__()
+        for m in (self.pick, self.write):
+            m.lenient = True
+
+
+def even_line(example, pred) -> float:
+    """About half of a random model's lines: groups differ, so updates happen."""
+    return float(len(pred["line"]) % 2 == 0)
+
+
 ROWS = [{"subject": s, "max_words": 4} for s in SUBJECTS]  # plain dicts: inputs by forward's signature
 TINY = {"rollout": {"batch_examples": 2, "group_size": 4, "max_tokens": 16},
         "grpo": {"learning_rate": 1e-3}, "prompts": {"candidates": 2, "train_examples": 4},
         "run": {"steps": 2, "eval_every": 1, "eval_examples": 4, "progress": False}}
 
 
-def test_optimize_save_and_load_in_a_fresh_process(tmp_path):
+def test_optimize_save_and_load_in_a_fresh_process(tmp_path, tiny_model_dir):
     cfg = {**TINY, "run": {**TINY["run"], "out": str(tmp_path / "runs")}}
-    result = mmgrpo.optimize(Scene(), train=ROWS[:4], dev=ROWS[4:], metric=short_enough,
-                             strategy="bootstrap -> weights", config=cfg)
+    result = mmgrpo.optimize(LenientScene(), train=ROWS[:4], dev=ROWS[4:], metric=even_line,
+                             strategy="bootstrap -> weights", config=cfg, model=tiny_model_dir)
     assert isinstance(result, mmgrpo.OptimizedProgram) and result.peft_model is not None
     before = [result(subject=s)["line"] for s in SUBJECTS[:4]]
-    score = result.evaluate(ROWS, short_enough)
+    score = result.evaluate(ROWS, even_line)
     assert score.n == 8 and 0 <= score.mean <= 1 and sum(score.counts.values()) == 8
     saved = result.save(tmp_path / "kept")
     assert {p.name for p in saved.iterdir()} == {"adapter", "prompts.json", "result.json"}
     info = json.loads((saved / "result.json").read_text())
-    assert info["program"] == "test_api:Scene" and info["metric"] == "test_api:short_enough"
+    assert info["program"] == "test_api:LenientScene" and info["metric"] == "test_api:even_line"
+    assert info["model"] == tiny_model_dir
     # the run folder holds the same result
     run_result = Path(result.info["run"]) / "result"
     assert json.loads((run_result / "prompts.json").read_text()) == result.prompts
@@ -79,14 +95,15 @@ SCENE = HERE.parent / "examples" / "scene"  # the README's example program, impo
 
 
 @pytest.fixture
-def cli_run(tmp_path, monkeypatch):
-    """`mmgrpo train --program ... --train ... --dev ...` on files the test writes; the run folder."""
+def cli_run(tmp_path, monkeypatch, tiny_model_dir):
+    """`mmgrpo train --program ... --train ... --dev ...` on files the test writes; the run folder. The
+    commands' mechanics: a tiny random model."""
     monkeypatch.syspath_prepend(str(SCENE))
     for name, rows in (("train", ROWS[:4]), ("dev", ROWS[4:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["train", "--program", "scene:Scene", "--metric", "scene:short_line",
             "--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl"),
-            "--set", f"run.out={tmp_path / 'runs'}", "--set", "run.name=scene"]
+            "--set", f"run.out={tmp_path / 'runs'}", "--set", "run.name=scene", "--set", f"model.name={tiny_model_dir}"]
     for sec, keys in TINY.items():
         args += [x for k, v in keys.items() if sec != "prompts" for x in ("--set", f"{sec}.{k}={json.dumps(v)}")]
     assert main(args) == 0
@@ -106,7 +123,7 @@ def test_cli_trains_your_program_from_jsonl_then_evaluates_and_exports_it(cli_ru
 
     out = tmp_path / "merged"
     assert main(["export", str(run), str(out), "--merged"]) == 0
-    res = mmgrpo.load(run, device="cpu", dtype="float32")
+    res = mmgrpo.load(run, device="cpu", dtype="float32", sampler_dtype="model")  # as the merged model computes
     prompt = res.backend.tokenize_chat([{"role": "user", "content": "Name a color."}])
     want = res.backend.generate_batch([prompt], [mmgrpo.lm.base.SamplingParams(temperature=0, max_tokens=12)])[0]
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -166,18 +183,18 @@ def test_sections_are_checked_and_old_flat_keys_say_where_they_moved(tmp_path):
         load_config(None, ["model.dtype=float8"])
 
 
-def test_bfloat16_on_cpu_runs_an_update_end_to_end(tmp_path):
+def test_bfloat16_on_cpu_runs_an_update_end_to_end(tmp_path, tiny_model_dir):
     from mmgrpo.config import TrainConfig
     from mmgrpo.grpo.run import MMGRPO
     from mmgrpo.lm.hf import HFBackend
     from mmgrpo.runlog import RunDir
-    from toy import toy_task
+    from toy import lenient_toy_task
 
     cfg = TrainConfig(task="toy", device="cpu", dtype="bfloat16", steps=1, batch_examples=4, group_size=4,
                       max_tokens=12, learning_rate=1e-3, progress=False)
-    lm = HFBackend.load(device=cfg.device, dtype=cfg.dtype)
+    lm = HFBackend.load(tiny_model_dir, device=cfg.device, dtype=cfg.dtype)
     assert lm.model.dtype == torch.bfloat16
-    task = toy_task()
+    task = lenient_toy_task()
     job = MMGRPO(cfg, task, task.make_program(), lm, RunDir(tmp_path))
     before = {k: v.detach().clone() for k, v in job.trainer.model.named_parameters() if v.requires_grad}
     rec = job.train_step(1)
@@ -193,3 +210,18 @@ def test_dtype_auto_is_float32_on_a_cpu_and_an_explicit_dtype_is_kept():
     assert models.pick_device("cpu", "bfloat16") == ("cpu", "bfloat16")
     with pytest.raises(ValueError, match="float8"):
         models.pick_device("cpu", "float8")
+
+
+def test_a_config_that_names_the_model_and_strategy_is_obeyed_when_the_arguments_are_left_out(
+        tmp_path, tiny_model_dir):
+    cfg = {"model": {"name": tiny_model_dir}, "rollout": {"batch_examples": 2, "group_size": 2, "max_tokens": 4},
+           "run": {"strategy": "weights", "steps": 1, "eval_every": 100, "eval_examples": 2, "progress": False,
+                   "out": str(tmp_path / "runs")}}
+    result = mmgrpo.optimize(Scene(), train=ROWS[:2], dev=ROWS[2:4], metric=short_enough, config=cfg)
+    info = json.loads((Path(result.info["run"]) / "result" / "result.json").read_text())
+    assert (info["model"], info["strategy"]) == (tiny_model_dir, "weights")
+    # an argument given wins over the config
+    result = mmgrpo.optimize(Scene(), train=ROWS[:2], dev=ROWS[2:4], metric=short_enough, config=cfg,
+                             strategy="bootstrap")
+    info = json.loads((Path(result.info["run"]) / "result" / "result.json").read_text())
+    assert (info["model"], info["strategy"]) == (tiny_model_dir, "bootstrap")

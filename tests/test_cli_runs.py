@@ -56,10 +56,13 @@ def _train(args, cwd, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_ctrl_c_stops_in_seconds_and_resume_alone_finishes_the_run(tmp_path, data):
+def test_ctrl_c_stops_in_seconds_and_resume_alone_finishes_the_run(tmp_path, data, tiny_model_dir):
+    # mechanics: a tiny random model, and enough short steps that Ctrl-C lands in the middle of the run
     out = tmp_path / "runs"
-    args = ["--program", "toy:Toy", "--metric", "toy:short", "--train", str(data), "--dev", str(data),
-            "--set", "run.steps=4", "--set", "run.eval_examples=1", "--set", "run.eval_every=2",
+    steps = 40
+    args = ["--program", "toy:LenientToy", "--metric", "toy:even", "--train", str(data), "--dev", str(data),
+            "--set", f"model.name={tiny_model_dir}",
+            "--set", f"run.steps={steps}", "--set", "run.eval_examples=1", "--set", "run.eval_every=2",
             "--set", "run.checkpoint_every=1", "--set", "rollout.batch_examples=2", "--set", "rollout.group_size=2",
             "--set", "rollout.max_tokens=8", "--set", f"run.out={out}", "--set", "run.progress=false"]
     proc = _train(args, HERE)
@@ -72,7 +75,7 @@ def test_ctrl_c_stops_in_seconds_and_resume_alone_finishes_the_run(tmp_path, dat
             break
         time.sleep(0.2)
     assert metrics is not None, proc.communicate()
-    time.sleep(1.0)  # into step 2
+    time.sleep(1.0)  # into a later step
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -81,12 +84,15 @@ def test_ctrl_c_stops_in_seconds_and_resume_alone_finishes_the_run(tmp_path, dat
     assert proc.returncode == 130 and took < 15, (proc.returncode, took, err[-2000:])
     assert f"Continue with: mmgrpo train --resume {run}" in err and "Traceback" not in err, err[-2000:]
     assert not (run / "result").exists()
+    stopped_at = len((run / "metrics.jsonl").read_text().splitlines())
+    assert stopped_at < steps, stopped_at
     # the same command's saved config: nothing repeated; a dev set of one example has no CI, and finishes
     done = _train(["--resume", str(run)], HERE)
     stdout, err = done.communicate(timeout=900)
     assert done.returncode == 0, err[-3000:]
     assert "resumed" in err and "± n/a" in stdout and (run / "result" / "result.json").exists()
-    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == \
+        list(range(1, steps + 1))
 
 
 def test_eval_takes_any_task_option_as_key_value():

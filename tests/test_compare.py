@@ -1,4 +1,4 @@
-"""`mmgrpo compare` end to end on the embedded model at a tiny budget: four arms in one folder,
+"""`mmgrpo compare` end to end at a tiny budget on a tiny random model (its mechanics): four arms in one folder,
 a test table and a PNG plot (and `mmgrpo report` of the folder), the composed arm starts from the
 prompt arm's search, and a resumed comparison skips finished arms; plus the update-without-demos prompt."""
 from __future__ import annotations
@@ -21,8 +21,9 @@ TINY = ["--set", "run.steps=1", "--set", "run.eval_every=1", "--set", "rollout.b
         "--set", "prompts.top_k=2", "--set", "run.progress=false", "--test-limit", "5"]
 
 
-def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
-    assert main(["compare", "--task", "banking77", "--set", f"run.out={tmp_path}", *TINY]) == 0
+def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys, tiny_model_dir):
+    tiny = [*TINY, "--set", f"model.name={tiny_model_dir}"]
+    assert main(["compare", "--task", "banking77", "--set", f"run.out={tmp_path}", *tiny]) == 0
     (root,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     out = capsys.readouterr().out
     for label in ("baseline", "prompts", "weights", "prompts -> weights"):
@@ -82,7 +83,7 @@ def test_compare_four_arms_table_plot_and_resume(tmp_path, capsys):
     assert main(["compare", "--resume", str(root)]) == 0
     assert (root / "table.txt").read_text() == before
     # resuming with other settings is refused, naming the key
-    assert main(["compare", "--task", "banking77", "--resume", str(root), "--set", f"run.out={tmp_path}", *TINY,
+    assert main(["compare", "--task", "banking77", "--resume", str(root), "--set", f"run.out={tmp_path}", *tiny,
                  "--set", "run.steps=2"]) == 2
     assert "config keys ['steps']" in capsys.readouterr().err
     # a one-seed comparison's arms are not in seed folders: more seeds there is refused, not guessed
@@ -111,11 +112,12 @@ def test_update_prompt_without_demos_is_the_instruction_and_input(lm):
     assert len(bare) < len(call.prompt_ids)
 
 
-def test_compare_over_seeds_folders_table_and_resume(tmp_path, capsys):
+def test_compare_over_seeds_folders_table_and_resume(tmp_path, capsys, tiny_model_dir):
     from mmgrpo.compare import compare, saved_settings
     from mmgrpo.config import load_config
 
     cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.seed=3",
+                                       f"model.name={tiny_model_dir}",
                                        "run.eval_examples=4", "run.progress=false"],
                       defaults={"task_options": {"n_labels": 10, "n_demos": 2, "reasoning": False}})
     arms = (("baseline", ""),)
@@ -167,11 +169,12 @@ def test_across_seeds_averages_examples_then_pairs(tmp_path):
     assert out["prompts_weights"]["test_ci95"] == pytest.approx(1.96 * (1 / 12) ** 0.5 / 2)
 
 
-def test_run_seed_runs_only_the_named_arms_and_waits_with_the_table(tmp_path):
+def test_run_seed_runs_only_the_named_arms_and_waits_with_the_table(tmp_path, tiny_model_dir):
     from mmgrpo.compare import run_seed
     from mmgrpo.config import load_config
 
     cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.eval_examples=4",
+                                       f"model.name={tiny_model_dir}",
                                        "run.progress=false"],
                       defaults={"task_options": {"n_labels": 10, "n_demos": 2, "reasoning": False}})
     arms = (("baseline", ""), ("prompts", "prompts"))

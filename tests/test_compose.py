@@ -20,8 +20,8 @@ def test_parse_strategy():
         parse_strategy("weights -> prompts -> weights")
 
 
-def test_prompts_then_weights_from_the_command_line(tmp_path, capsys):
-    code = main(["train", "--task", "banking77", "--set", f"run.out={tmp_path}", "--set", "run.strategy=prompts -> weights",
+def test_prompts_then_weights_from_the_command_line(tmp_path, capsys, tiny_model_dir):
+    code = main(["train", "--task", "banking77", "--set", f"run.out={tmp_path}", "--set", f"model.name={tiny_model_dir}", "--set", "run.strategy=prompts -> weights",
                  "--set", "prompts.optimizer=bootstrap",
                  "--set", "run.steps=1", "--set", "rollout.batch_examples=2", "--set", "rollout.group_size=4", "--set", "rollout.max_tokens=12",
                  "--set", "run.eval_examples=6", "--set", "prompts.candidates=2", "--set", "prompts.train_examples=8",
@@ -49,7 +49,7 @@ def test_unknown_step_is_a_clear_cli_error(tmp_path, capsys):
     assert "unknown step(s) ['magic']" in capsys.readouterr().err
 
 
-def _search_scores_ids(tmp_path, monkeypatch, val_examples: int):
+def _search_scores_ids(tmp_path, monkeypatch, val_examples: int, model: str):
     """The example ids a bootstrap search scored its candidates on, and the job it ran in."""
     from mmgrpo.compose import prompts_step
     from mmgrpo.config import load_config
@@ -57,7 +57,7 @@ def _search_scores_ids(tmp_path, monkeypatch, val_examples: int):
     from mmgrpo.optimizers import bootstrap
 
     cfg = load_config(None, overrides=[
-        "task.name=banking77", f"run.out={tmp_path}", "run.progress=false", "run.eval_examples=5",
+        "task.name=banking77", f"model.name={model}", f"run.out={tmp_path}", "run.progress=false", "run.eval_examples=5",
         "prompts.candidates=2", "prompts.train_examples=6", f"prompts.val_examples={val_examples}",
         "rollout.max_tokens=8", "task.options.n_labels=10", "task.options.n_demos=0", "task.options.reasoning=false"])
     job = build(cfg, path=tmp_path / f"val{val_examples}")
@@ -76,13 +76,14 @@ def _search_scores_ids(tmp_path, monkeypatch, val_examples: int):
     return set(seen), job, summary
 
 
-def test_the_prompt_search_can_score_on_held_out_training_examples_and_leave_dev_alone(tmp_path, monkeypatch):
-    seen, job, summary = _search_scores_ids(tmp_path, monkeypatch, 7)
+def test_the_prompt_search_can_score_on_held_out_training_examples_and_leave_dev_alone(tmp_path, monkeypatch,
+                                                                                        tiny_model_dir):
+    seen, job, summary = _search_scores_ids(tmp_path, monkeypatch, 7, tiny_model_dir)
     train = [e.id for e in job.task.train]
     assert [e.id for e in job.prompt_val] == train[6:13] and seen == set(train[6:13])
     assert not seen & {e.id for e in job.dev} and summary["scored_on"] == "train[6:13]"
     # the default searches on dev, as before
-    seen, job, summary = _search_scores_ids(tmp_path, monkeypatch, 0)
+    seen, job, summary = _search_scores_ids(tmp_path, monkeypatch, 0, tiny_model_dir)
     assert seen == {e.id for e in job.dev} and summary["scored_on"] == "dev"
 
 
@@ -96,8 +97,8 @@ def test_too_few_training_examples_for_the_search_set_is_a_clear_error(tmp_path)
         build(cfg, path=tmp_path / "run")
 
 
-def test_a_result_whose_last_step_searched_off_dev_does_not_call_its_score_a_dev_score(tmp_path):
-    code = main(["train", "--task", "banking77", "--set", f"run.out={tmp_path}", "--set", "run.strategy=bootstrap",
+def test_a_result_whose_last_step_searched_off_dev_does_not_call_its_score_a_dev_score(tmp_path, tiny_model_dir):
+    code = main(["train", "--task", "banking77", "--set", f"run.out={tmp_path}", "--set", f"model.name={tiny_model_dir}", "--set", "run.strategy=bootstrap",
                  "--set", "prompts.candidates=2", "--set", "prompts.train_examples=6", "--set", "prompts.val_examples=4",
                  "--set", "rollout.max_tokens=8", "--set", "run.eval_examples=4", "--set", "task.options.n_labels=10",
                  "--set", "task.options.reasoning=false", "--set", "run.progress=false"])

@@ -1,5 +1,6 @@
 """Data-parallel training: `torchrun` with 2 CPU processes (gloo) running `mmgrpo train` trains as
-one process does, only rank 0 writes the run folder, and resume works the same."""
+one process does, only rank 0 writes the run folder, and resume works the same. Mechanics: a tiny
+random model of the embedded model's architecture runs the lenient toy program."""
 from __future__ import annotations
 
 import json
@@ -21,11 +22,11 @@ def files(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
 
 
-def train(tmp_path: Path, name: str, world: int, steps: int, resume: Path | None = None,
+def train(tmp_path: Path, name: str, world: int, steps: int, model: str, resume: Path | None = None,
           failing_rank: int | None = None):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"id": f"t{i}", "topic": t}) + "\n" for i, t in enumerate(TOPICS)))
-    sets = ["task.program=toy:Toy", "task.metric=toy:short", f"task.train={data}", f"task.dev={data}",
+    sets = [f"model.name={model}", "task.program=toy:LenientToy", "task.metric=toy:even", f"task.train={data}", f"task.dev={data}",
             f"run.steps={steps}", "run.eval_every=2", "run.eval_examples=2", f"run.out={tmp_path / name}",
             "run.progress=false", "rollout.batch_examples=2", "rollout.group_size=4", "rollout.max_tokens=12",
             "rollout.temperature=0.8", "grpo.learning_rate=2e-3", "run.seed=5", "run.keep_checkpoints=3", "run.checkpoint_every=1",
@@ -49,9 +50,9 @@ def train(tmp_path: Path, name: str, world: int, steps: int, resume: Path | None
     return runs[0]
 
 
-def test_torchrun_with_two_gloo_processes_trains_like_one_and_only_rank_0_writes(tmp_path):
-    one = train(tmp_path, "one", 1, 3)
-    two = train(tmp_path, "two", 2, 3)
+def test_torchrun_with_two_gloo_processes_trains_like_one_and_only_rank_0_writes(tmp_path, tiny_model_dir):
+    one = train(tmp_path, "one", 1, 3, tiny_model_dir)
+    two = train(tmp_path, "two", 2, 3, tiny_model_dir)
     name = "checkpoints/step-000003/adapter_model.safetensors"
     a, b = load_file(str(one / name)), load_file(str(two / name))
     # resume: as if killed after step 2, then the same torchrun command with --resume
@@ -59,7 +60,7 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_only_rank_0_writes
 
     shutil.rmtree(two / "checkpoints" / "step-000003")
     (two / "checkpoints" / "latest").write_text("step-000002\n")
-    assert train(tmp_path, "two", 2, 3, resume=two) == two
+    assert train(tmp_path, "two", 2, 3, tiny_model_dir, resume=two) == two
     c = load_file(str(two / name))
     assert all(torch.equal(b[k], c[k]) for k in b)
     assert a.keys() == b.keys()
@@ -80,12 +81,12 @@ def test_torchrun_with_two_gloo_processes_trains_like_one_and_only_rank_0_writes
     assert files(one) == files(two)
 
 
-def test_a_rank_that_fails_mid_update_ends_the_job_at_once_instead_of_hanging(tmp_path):
+def test_a_rank_that_fails_mid_update_ends_the_job_at_once_instead_of_hanging(tmp_path, tiny_model_dir):
     import time
 
     for rank in (0, 1):
         t0 = time.perf_counter()
-        out = train(tmp_path, f"fail{rank}", 2, 3, failing_rank=rank)
+        out = train(tmp_path, f"fail{rank}", 2, 3, tiny_model_dir, failing_rank=rank)
         took = time.perf_counter() - t0
         assert out.returncode != 0 and f"injected failure on rank {rank} mid-update" in out.stdout + out.stderr
         assert took < 300, took  # the loading and first rollouts, not a collective's timeout (3600 s)

@@ -52,17 +52,18 @@ def test_mmgrpo_raises_the_reward_of_a_two_module_program(tmp_path):
     assert mean(after) - mean(before) > 2 * se, (mean(before), mean(after), se, [r["reward_mean"] for r in records])
 
 
-def _run(run_dir, steps):
+def _run(run_dir, steps, model):
     env = dict(os.environ, PYTHONHASHSEED="0")
-    return subprocess.Popen([sys.executable, str(HERE / "train_toy_job.py"), str(run_dir), str(steps)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, str(HERE / "train_toy_job.py"), str(run_dir), str(steps),
+                             "--model", model], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_resume_after_sigkill_gives_the_same_final_adapter_on_a_busy_machine(tmp_path, cpu_hog):
+def test_resume_after_sigkill_gives_the_same_final_adapter_on_a_busy_machine(tmp_path, cpu_hog, tiny_model_dir):
     """Killed after step 2, resumed: the same adapter as a straight run, while other processes
-    keep every core busy (batches must not depend on timing). Step 1 makes no update."""
-    steps = 4
-    straight = _run(tmp_path / "straight", steps)
+    keep every core busy (batches must not depend on timing). Step 1 makes no update. Mechanics: a tiny
+    random model, whose steps are short: six of them, so that the kill lands mid-run."""
+    steps = 6
+    straight = _run(tmp_path / "straight", steps, tiny_model_dir)
     _, err = straight.communicate(timeout=900)
     assert straight.returncode == 0, err.decode()[-2000:]
     log = RunDir(tmp_path / "straight").read_log()
@@ -71,7 +72,7 @@ def test_resume_after_sigkill_gives_the_same_final_adapter_on_a_busy_machine(tmp
     assert any(r["updated"] for r in log[1:])
 
     killed_dir = tmp_path / "killed"
-    proc = _run(killed_dir, steps)
+    proc = _run(killed_dir, steps, tiny_model_dir)
     latest = killed_dir / "checkpoints" / "latest"
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -84,7 +85,7 @@ def test_resume_after_sigkill_gives_the_same_final_adapter_on_a_busy_machine(tmp
     assert proc.returncode == -signal.SIGKILL
     assert latest.read_text().strip() != f"step-{steps:06d}"
 
-    resumed = _run(killed_dir, steps)
+    resumed = _run(killed_dir, steps, tiny_model_dir)
     _, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err.decode()[-2000:]
     a = load_file(str(tmp_path / "straight" / "checkpoints" / f"step-{steps:06d}" / "adapter_model.safetensors"))

@@ -16,10 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 ray = pytest.importorskip("ray")
 
 from test_remote import adapter, free_port, run_toy, start_server, toy_config  # noqa: E402
-from toy import short, toy_task  # noqa: E402
+from toy import even, lenient_toy_task  # noqa: E402
 
 from mmgrpo.lm.base import SamplingParams  # noqa: E402
-from mmgrpo.lm.hf import HFBackend  # noqa: E402
 from mmgrpo.lm.remote import RemotePolicy  # noqa: E402
 from mmgrpo.rollout import sample  # noqa: E402
 from mmgrpo.rollout_ray import RaySampler, policy_settings  # noqa: E402
@@ -27,13 +26,14 @@ from mmgrpo.runlog import RunDir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tiny_model_dir):
+    """A local Ray cluster beside `mmgrpo serve` of a tiny random model (these tests check mechanics)."""
     port = free_port()
-    proc = start_server(port)
+    proc = start_server(port, tiny_model_dir)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
     try:
-        yield f"http://127.0.0.1:{port}/v1"
+        yield f"http://127.0.0.1:{port}/v1", tiny_model_dir
     finally:
         ray.shutdown()
         proc.kill()
@@ -45,9 +45,16 @@ def view(result):
             for t in result.trajectories]
 
 
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def test_ray_workers_give_the_local_trajectories_and_redo_a_killed_workers_examples(cluster, tmp_path):
-    task = toy_task()
-    policy = RemotePolicy([cluster], HFBackend.load().tokenizer)
+    url, model = cluster
+    task = lenient_toy_task()
+    policy = RemotePolicy([url], tokenizer(model))
     examples = task.dev[:6]
     armed = tmp_path / "armed"  # while this file exists, a worker scoring example t3 kills itself (once)
 
@@ -55,14 +62,14 @@ def test_ray_workers_give_the_local_trajectories_and_redo_a_killed_workers_examp
         if ex.id == "t3" and armed.exists():
             armed.unlink()
             os.kill(os.getpid(), signal.SIGKILL)
-        return short(ex, pred)
+        return even(ex, pred)
 
     workers = RaySampler(2, task.make_program, deadly, policy_settings(policy))
     try:
         assert len(set(workers.actor_pids) | {os.getpid()}) == 3  # two actors, neither of them this process
         for temperature, kill in ((0.0, False), (0.8, False), (0.8, True)):  # greedy; seeded sampling; a death
             params = SamplingParams(temperature=temperature, max_tokens=12)
-            local = sample(task.make_program(), examples, short, policy, n_samples=3, params=params, seed=11,
+            local = sample(task.make_program(), examples, even, policy, n_samples=3, params=params, seed=11,
                            concurrency=6)
             if kill:
                 armed.touch()
@@ -79,8 +86,9 @@ def test_ray_workers_give_the_local_trajectories_and_redo_a_killed_workers_examp
 
 
 def test_training_with_ray_workers_equals_training_without(cluster, tmp_path):
-    run_toy(replace(toy_config(servers=[cluster]), steps=2), tmp_path / "plain")
-    spread = run_toy(replace(toy_config(servers=[cluster], workers=2), steps=2), tmp_path / "ray")
+    url, model = cluster
+    run_toy(replace(toy_config(servers=[url]), steps=2), tmp_path / "plain", model=model)
+    spread = run_toy(replace(toy_config(servers=[url], workers=2), steps=2), tmp_path / "ray", model=model)
     assert spread.workers is None  # its actors ended with the run
     a, b = adapter(tmp_path / "plain", 2), adapter(tmp_path / "ray", 2)
     # the same training up to float rounding: the server batches requests as they arrive, so a sampled
@@ -102,10 +110,11 @@ def test_a_worker_that_raises_or_never_answers_fails_the_call_instead_of_hanging
 
     from mmgrpo.rollout_ray import RolloutWorkersFailed
 
-    task = toy_task()
-    policy = RemotePolicy([cluster], HFBackend.load().tokenizer)
+    url, model = cluster
+    task = lenient_toy_task()
+    policy = RemotePolicy([url], tokenizer(model))
     params = SamplingParams(temperature=0.0, max_tokens=4)
-    broken = RaySampler(1, _broken_program, short, policy_settings(policy))
+    broken = RaySampler(1, _broken_program, even, policy_settings(policy))
     try:
         with pytest.raises(RolloutWorkersFailed, match="raised.*missing on the worker"):
             broken.sample(task.make_program(), task.dev[:2], n_samples=1, params=params, seed=0, model=policy.model,
@@ -130,7 +139,7 @@ def test_a_worker_that_raises_or_never_answers_fails_the_call_instead_of_hanging
 def test_workers_on_another_machine_get_the_programs_source_and_a_local_cluster_the_path():
     from mmgrpo.rollout_ray import runtime_env
 
-    task = toy_task()
+    task = lenient_toy_task()
     assert runtime_env(None, task.make_program, task.reward)["env_vars"]["PYTHONPATH"].split(os.pathsep)[0]
     remote = runtime_env("ray://head:10001", task.make_program, task.reward)
     # the toy program lives in tests/toy.py, not an installed package: its source travels

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from toy import short, toy_task  # noqa: E402
+from toy import even, lenient_toy_task, toy_task  # noqa: E402
 
 from mmgrpo import serve  # noqa: E402
 from mmgrpo.config import TrainConfig  # noqa: E402
@@ -301,11 +301,13 @@ def toy_config(**kw) -> TrainConfig:
                        progress=False, seed=5, **kw)
 
 
-def run_toy(cfg: TrainConfig, folder: Path, reward=None):
-    task = toy_task()
+def run_toy(cfg: TrainConfig, folder: Path, reward=None, model: str = "smollm2-135m"):
+    """A toy run on ``model``: the embedded model runs the toy program; another (a tiny random model)
+    the lenient toy, whose replies all parse."""
+    task = toy_task() if model == "smollm2-135m" else lenient_toy_task()
     if reward:
         task.reward = reward
-    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(), RunDir(folder))
+    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(model), RunDir(folder))
     try:
         fit(job)
     finally:
@@ -319,15 +321,15 @@ def adapter(folder: Path, step: int) -> dict:
     return load_file(str(folder / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors"))
 
 
-def test_training_through_mmgrpo_serve_matches_in_process_and_survives_an_outage(tmp_path):
+def test_training_through_mmgrpo_serve_matches_in_process_and_survives_an_outage(tmp_path, tiny_model_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    proc = start_server(port)
+    proc = start_server(port, tiny_model_dir)
     try:
         # importance sampling off, as in-process: the same update on what the server sampled (it is on by
         # default with servers, tested in test_update_rules)
-        remote = run_toy(toy_config(servers=[url], tis_cap="off"), tmp_path / "remote")
-        run_toy(toy_config(), tmp_path / "local")
+        remote = run_toy(toy_config(servers=[url], tis_cap="off"), tmp_path / "remote", model=tiny_model_dir)
+        run_toy(toy_config(), tmp_path / "local", model=tiny_model_dir)
         a, b = adapter(tmp_path / "remote", 3), adapter(tmp_path / "local", 3)
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert diff < 1e-4, diff
@@ -358,17 +360,17 @@ def test_training_through_mmgrpo_serve_matches_in_process_and_survives_an_outage
             calls["n"] += 1
             if calls["n"] == 11:  # step 1 scores 8 rollouts; this is the 3rd of step 2
                 proc.kill()
-            return short(ex, pred)
+            return even(ex, pred)
 
         # one program at a time, so that the rollouts after the 3rd of step 2 still need the server; importance
         # sampling off, as in the run it is compared with
         cfg = toy_config(servers=[url], tis_cap="off", request_retries=1, request_backoff_s=0.05, concurrency=1)
         with pytest.raises(TrainingStopped, match="could not reach an LM server"):
-            run_toy(cfg, tmp_path / "outage", reward_killing_the_server)
+            run_toy(cfg, tmp_path / "outage", reward_killing_the_server, model=tiny_model_dir)
         assert [r["step"] for r in RunDir(tmp_path / "outage").read_log()] == [1]
         proc.wait()
-        proc = start_server(port)  # back on the same address; the run resumes from its step-1 checkpoint
-        run_toy(cfg, tmp_path / "outage", short)
+        proc = start_server(port, tiny_model_dir)  # back on the same address; the run resumes from step 1
+        run_toy(cfg, tmp_path / "outage", even, model=tiny_model_dir)
         log = RunDir(tmp_path / "outage").read_log()
         assert [r["step"] for r in log] == [1, 2, 3]
         c = adapter(tmp_path / "outage", 3)

@@ -1,4 +1,4 @@
-"""See what training does: `mmgrpo report` on a short real run (every plot, numbers as in
+"""See what training does: `mmgrpo report` on a short run of a tiny random model (every plot, numbers as in
 metrics.jsonl) and the trackers (TensorBoard, W&B offline, MLflow file store) read back."""
 from __future__ import annotations
 
@@ -12,28 +12,26 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from toy import toy_task  # noqa: E402
+from toy import lenient_toy_task  # noqa: E402
 
 from mmgrpo.config import TrainConfig  # noqa: E402
 from mmgrpo.grpo.run import MMGRPO, fit  # noqa: E402
+from mmgrpo.lm.hf import HFBackend  # noqa: E402
 from mmgrpo.report import write_report  # noqa: E402
 from mmgrpo.runlog import RunDir  # noqa: E402
 from mmgrpo.trackers import flatten, mlflow_uri  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run_dir(lm, tmp_path_factory):
+def run_dir(tiny_model_dir, tmp_path_factory):
     trackers = [t for t in ("tensorboard", "wandb", "mlflow") if _has(t)]
     cfg = TrainConfig(task="toy", steps=3, batch_examples=2, group_size=4, max_tokens=12, learning_rate=2e-3,
                       temperature=0.8, eval_every=1, eval_examples=3, progress=False, seed=5, report_to=trackers)
-    task = toy_task()
+    task = lenient_toy_task()
     folder = tmp_path_factory.mktemp("report") / "run"
-    if lm.peft is not None:
-        lm.model = lm.peft.unload()
-        lm.peft = None
+    lm = HFBackend.load(tiny_model_dir, dtype="float32")
     fit(MMGRPO(cfg, task, task.make_program(), lm, RunDir(folder)))
-    lm.model = lm.peft.unload()  # leave the shared backend as it was
-    lm.peft = None
+    lm.close()
     return folder, trackers
 
 

@@ -28,3 +28,28 @@ def short(ex, pred) -> float:
 def toy_task() -> Task:
     exs = [Example(f"t{i}", {"topic": t}) for i, t in enumerate(TOPICS)]
     return Task("toy", Toy, short, short, train=exs[:4], dev=exs, test=exs)
+
+
+class LenientToy(Program):
+    """The toy program with lenient modules, for tiny random models (tests of mechanics): every reply is
+    taken whole, so trajectories finish and are scored rather than all failing to parse."""
+
+    def __init__(self):
+        self.pick = Module("pick", ["topic"], ["word"], "Give one word related to the topic.", max_tokens=8,
+                           lenient=True)
+        self.answer = Module("answer", ["topic", "word"], ["sentence"],
+                             "Write a short sentence about the topic using the word.", max_tokens=8, lenient=True)
+
+    def forward(self, topic):
+        return self.answer(topic=topic, word=self.pick(topic=topic).word)
+
+
+def even(ex, pred) -> float:
+    """1 when the final reply's length is even: about half of a random model's samples, so groups differ
+    and updates happen. No meaning beyond that."""
+    return float(len(pred["sentence"]) % 2 == 0)
+
+
+def lenient_toy_task() -> Task:
+    exs = [Example(f"t{i}", {"topic": t}) for i, t in enumerate(TOPICS)]
+    return Task("toy", LenientToy, even, even, train=exs[:4], dev=exs, test=exs)

@@ -3,7 +3,8 @@
 One example a step; example t2 always scores 0.5, so the step that draws it (step 1 with seed 3)
 has equal rewards in every group and makes no update: resume must count it all the same.
 
-``python train_toy_job.py RUN STEPS [PHASE:K]``: with a fault, the process SIGKILLs itself at the
+``python train_toy_job.py RUN STEPS [PHASE:K] [--model DIR]``: ``--model``, a tiny random model's folder,
+runs the lenient toy program scored by reply length parity instead of the embedded model. With a fault, the process SIGKILLs itself at the
 K-th event of PHASE in this process: ``rollout`` (a training reward), ``update`` (a micro-batch
 loss, mid-update), ``checkpoint`` (an optimizer-state write: the adapter is already in the temp
 folder), ``rename`` (after a rename of the run's atomic writes and publishes), ``dev`` (a dev
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from toy import short, toy_task  # noqa: E402
+from toy import even, lenient_toy_task, short, toy_task  # noqa: E402
 
 from mmgrpo import runlog  # noqa: E402
 from mmgrpo.grpo import trainer as trainer_mod  # noqa: E402
@@ -28,8 +29,8 @@ from mmgrpo.lm.hf import HFBackend  # noqa: E402
 from mmgrpo.runlog import RunDir  # noqa: E402
 
 
-def constant_on_t2(ex, pred) -> float:
-    return 0.5 if ex.id == "t2" else short(ex, pred)
+def constant_on_t2(score):
+    return lambda ex, pred: 0.5 if ex.id == "t2" else score(ex, pred)
 
 
 def dying(fn, k: int):
@@ -88,17 +89,22 @@ def inject(fault: str, task) -> None:
         raise SystemExit(f"unknown fault phase {phase!r}")
 
 
-def main(run_dir: str, steps: int, fault: str | None = None) -> None:
+def main(run_dir: str, steps: int, fault: str | None = None, model: str | None = None) -> None:
     cfg = TrainConfig(task="toy", steps=steps, batch_examples=1, group_size=4, max_tokens=12, learning_rate=1e-3,
                       temperature=0.7, eval_every=1000 if steps <= 4 else 2, eval_examples=2,
                       checkpoint_every=1, keep_checkpoints=2, progress=False, seed=3)
-    task = toy_task()
-    task.reward = constant_on_t2
+    task = lenient_toy_task() if model else toy_task()
+    task.reward = constant_on_t2(even if model else short)
     if fault:
         inject(fault, task)
-    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(), RunDir(run_dir))
+    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(model or "smollm2-135m"), RunDir(run_dir))
     fit(job)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    args = sys.argv[1:]
+    model = None
+    if "--model" in args:
+        i = args.index("--model")
+        model, args = args[i + 1], args[:i] + args[i + 2:]
+    main(args[0], int(args[1]), args[2] if len(args) > 2 else None, model)

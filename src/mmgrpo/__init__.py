@@ -5,7 +5,15 @@
 (torch, transformers) load on first use. (The prompt optimizers live in ``mmgrpo.optimizers``:
 a subpackage named ``optimize`` would shadow the function.)
 """
+import os
 from typing import Any
+
+# torch's OpenMP threads spin after each op by default (libgomp). Beside another busy process each of the
+# many small ops of decoding then waits for a scheduler tick: greedy decoding ran ~20x slower beside a
+# second torch process (benchmarks/omp_spin.py). Sleeping threads cost ~10% when the machine is idle; set
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise. Read once, when torch starts OpenMP.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ from .result import OptimizedProgram
 
 
 def optimize(program: Program, train: Sequence[Any], dev: Sequence[Any], metric: Callable, *,
-             reward: Callable | None = None, strategy: str = "prompts -> weights", model: str = "smollm2-135m",
+             reward: Callable | None = None, strategy: str | None = None, model: str | None = None,
              config: dict | str | None = None, test: Sequence[Any] | None = None,
              input_fields: Sequence[str] | None = None, resume: str | None = None) -> OptimizedProgram:
     """Optimize ``program`` (prompts, weights, or both in the order of ``strategy``).
@@ -24,14 +24,19 @@ def optimize(program: Program, train: Sequence[Any], dev: Sequence[Any], metric:
     its ``forward``, or ``input_fields``) plus gold fields. metric(example, prediction) -> float is
     what dev scores report; ``reward`` (default: metric) is what mmGRPO trains on. ``config``: a
     dict or a TOML/YAML file of config sections (see ``mmgrpo.config``); ``strategy`` and
-    ``model`` win over the same keys there. The run folder (under
+    ``model``, when given, win over ``run.strategy`` and ``model.name`` there; when neither names
+    them: "prompts -> weights" and the embedded model. The run folder (under
     run.out, default runs/) keeps logs and checkpoints; ``resume`` continues one.
     """
     from .tasks.custom import program_task
 
-    defaults = {"run": {"name": type(program).__name__.lower()}}
+    defaults = {"run": {"name": type(program).__name__.lower(), "strategy": "prompts -> weights"}}
     program, metric, reward, input_fields = _adopt(program, metric, reward, input_fields)
-    args = {"run": {"strategy": strategy}, "model": {"name": model}}  # the arguments win over config
+    args: dict = {}  # the arguments given win over config; those left out let config decide
+    if strategy is not None:
+        args["run"] = {"strategy": strategy}
+    if model is not None:
+        args["model"] = {"name": model}
     if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
         cfg = load_config(config, defaults_sections=defaults, sections=args)
     else:
@@ -60,13 +65,16 @@ def _adopt(program, metric, reward, input_fields):
 
 
 def load(folder: str, program: Program | None = None, device: str = "auto", dtype: str = "auto",
-         metric: Callable | None = None) -> OptimizedProgram:
-    """A saved result (``result.save`` or a run's ``result/``), ready to call and evaluate."""
+         metric: Callable | None = None, sampler_dtype: str | None = None) -> OptimizedProgram:
+    """A saved result (``result.save`` or a run's ``result/``), ready to call and evaluate. It generates
+    as the run that made it did (``sampler_dtype`` None: the run's [model] sampler_dtype), so it gives
+    the answers that run scored; ``sampler_dtype="model"``: the loaded weights generate."""
     from .data import as_program
     from .result import load as load_result
 
     program = as_program(program) if program is not None else None
-    return load_result(folder, program=program, device=device, dtype=dtype, metric=metric)
+    return load_result(folder, program=program, device=device, dtype=dtype, metric=metric,
+                       sampler_dtype=sampler_dtype)
 
 
 __all__ = ["OptimizedProgram", "TrainConfig", "load", "optimize"]

@@ -5,6 +5,8 @@ dequantizing it takes ~17 s, so a safetensors copy is cached once and reused.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import os
 import shutil
@@ -166,3 +168,23 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(name=name, model=model, tokenizer=tokenizer)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Hand heap pages that were freed back to the operating system. glibc keeps them for reuse, so a
+    run whose updates free gigabytes of activations in many small blocks holds them resident: a PAPILLON
+    run held 18 GB with 3.4 GB in use. Returns whether the C library could do it."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -106,25 +106,33 @@ def build_program(info: dict, program: Program | None = None) -> Program:
 
 
 def load(folder: str | Path, program: Program | None = None, device: str = "auto", dtype: str = "auto",
-         metric=None) -> OptimizedProgram:
-    """Rebuild an OptimizedProgram: base model + adapter + prompts; ``program`` overrides the import path."""
+         metric=None, sampler_dtype: str | None = None) -> OptimizedProgram:
+    """Rebuild an OptimizedProgram: base model + adapter + prompts; ``program`` overrides the import path.
+    ``sampler_dtype`` (see [model] sampler_dtype; None: as the run was set) decides which weights
+    generate, so a loaded result answers as the run that made it scored it: with the run's bfloat16
+    sampler copy, if it had one. "model": the loaded weights generate themselves."""
     from .lm.hf import HFBackend
-    from .models import load as load_model
+    from .models import load as load_model, pick_sampler_dtype
 
     folder = result_folder(folder)
     info = json.loads((folder / "result.json").read_text())
     prog = build_program(info, program)
     prog.load_prompt_state(json.loads((folder / "prompts.json").read_text()))
     m = load_model(info["model"], dtype=dtype, device=device)
+    if sampler_dtype is None:  # results saved before the sampler copy existed sampled with the model
+        sampler_dtype = (info.get("config") or {}).get("sampler_dtype", "model")
+    # the backend (and its sampler copy of the base weights) first, then the adapter injected into the
+    # model, as in training: the copy then samples the base with the adapter merged in
+    backend = HFBackend(m.model, m.tokenizer, sampler_dtype=pick_sampler_dtype(m.model, sampler_dtype))
     peft_model = None
     if (folder / "adapter").exists():
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(m.model, str(folder / "adapter"))  # injects into m.model
-        peft_model.eval()
-    backend = HFBackend(m.model, m.tokenizer)
-    if peft_model is not None:
-        backend.peft = peft_model
+        with backend.lock:
+            peft_model = PeftModel.from_pretrained(m.model, str(folder / "adapter"))  # injects into m.model
+            peft_model.eval()
+            backend.peft = peft_model
+            backend.weights_changed()
     if metric is None and info.get("metric"):
         from .data import import_object
 
@@ -156,7 +164,7 @@ def export(folder: str | Path, out: str | Path, merged: bool = False) -> Path:
                              f"as a PEFT adapter: its prompts are in {src / 'prompts.json'}")
         shutil.copytree(src / "adapter", tmp)
     else:
-        res = load(src, device="cpu", dtype="float32")
+        res = load(src, device="cpu", dtype="float32", sampler_dtype="model")
         model = res.peft_model.merge_and_unload() if res.peft_model is not None else res.backend.model
         model.save_pretrained(tmp, safe_serialization=True)
         res.backend.tokenizer.save_pretrained(tmp)

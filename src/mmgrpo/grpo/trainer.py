@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import TIS_CAP, TrainConfig
+from ..models import return_freed_memory
 from . import distributed
 from .checkpoint import Checkpoints
 from .groups import Grouping
@@ -184,6 +185,7 @@ class Trainer(LogprobKernels, Checkpoints):
             bar.close()
             self.backend.weights_changed()
         self.model.eval()
+        return_freed_memory()  # the activations of this update, freed in many small blocks
         if distributed.active():  # every rank's share of the statistics
             keys = [k for k in stats if k != "mismatch_max"]
             summed = distributed.sum_values([stats[k] for k in keys] + per_module.flatten().tolist(), dev)
