@@ -22,7 +22,7 @@ from mmgrpo.lm.base import SamplingParams
 from mmgrpo.lm.hf import HFBackend
 from mmgrpo.rollout import sample
 from mmgrpo.runlog import RunDir
-from toy import short, toy_task
+from toy import even, lenient_toy_task, short, toy_task
 
 HERE = Path(__file__).parent
 
@@ -125,10 +125,10 @@ def test_config_errors_name_the_key(tmp_path):
     assert (cfg.steps, cfg.learning_rate, cfg.task_options) == (3, 0.01, {"n_labels": 5, "n_demos": 2})
 
 
-def _rollouts(lm, temperature=0.7, seed=5):
+def _rollouts(lm, temperature=0.7, seed=5, task=None):
     """Toy rollouts grouped for an update; rewards alternate where they tie, so every call trains
     (these tests are about the log-probs and the objective, not about what is learned)."""
-    task = toy_task()
+    task = task or toy_task()
     roll = sample(task.make_program(), task.train, task.reward, lm, n_samples=4, seed=seed, progress=False,
                   params=SamplingParams(temperature=temperature, max_tokens=12))
     by_example = roll.by_example()
@@ -169,21 +169,23 @@ def test_sampler_and_trainer_agree_at_temperature_and_tis_corrects_a_real_gap():
     assert 0 < stale["tis_weight_mean"] < 0.999  # tokens the policy now likes less are weighed down
 
 
-def test_a_second_iteration_moves_the_ratio_and_the_kl():
-    grouping = _rollouts(HFBackend.load(dtype="float32"), temperature=1.0, seed=11)
+def test_a_second_iteration_moves_the_ratio_and_the_kl(tiny_model_dir):
+    # the objective's mechanics: a tiny random model
+    grouping = _rollouts(HFBackend.load(tiny_model_dir, dtype="float32"), temperature=1.0, seed=11,
+                         task=lenient_toy_task())
     recs = {}
     for mu in (1, 2):
         cfg = TrainConfig(task="toy", max_tokens=12, learning_rate=2e-3, beta=0.05, epsilon=0.02, num_iterations=mu,
                           loss_type="dapo", progress=False, seed=1)
-        recs[mu] = Trainer(HFBackend.load(dtype="float32"), cfg).update(grouping)
+        recs[mu] = Trainer(HFBackend.load(tiny_model_dir, dtype="float32"), cfg).update(grouping)
     # a fresh adapter is zero: with one iteration policy = old = reference, exactly
     assert recs[1]["kl"] == 0 and recs[1]["ratio_dev"] == 0 and recs[1]["clip_frac"] == 0
     assert recs[2]["kl"] > 0 and recs[2]["ratio_dev"] > 0 and recs[2]["clip_frac"] > 0, recs[2]
     assert recs[2]["grad_norm"] > 0
 
 
-def test_error_rollouts_stop_the_run_before_training_and_it_resumes(tmp_path):
-    task = toy_task()
+def test_error_rollouts_stop_the_run_before_training_and_it_resumes(tmp_path, tiny_model_dir):
+    task = lenient_toy_task()  # mechanics: a tiny random model
 
     def judge_down(ex, pred):
         raise ConnectionError("judge at 127.0.0.1:9 refused the connection")
@@ -191,7 +193,7 @@ def test_error_rollouts_stop_the_run_before_training_and_it_resumes(tmp_path):
     cfg = TrainConfig(task="toy", steps=2, batch_examples=2, group_size=2, max_tokens=8, eval_every=100,
                       eval_examples=2, checkpoint_every=100, progress=False)
     task.reward = judge_down
-    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(dtype="float32"), RunDir(tmp_path))
+    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(tiny_model_dir, dtype="float32"), RunDir(tmp_path))
     before = {k: v.clone() for k, v in job.trainer.model.named_parameters() if v.requires_grad}
     with pytest.raises(TrainingStopped, match=r"[34] of 4 rollouts failed.*ConnectionError: judge at 127.0.0.1:9.*--resume"):
         fit(job)
@@ -199,20 +201,21 @@ def test_error_rollouts_stop_the_run_before_training_and_it_resumes(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained on an outage
     assert RunDir(tmp_path).read_log() == []
 
-    task.reward = short  # the judge is back: the same folder resumes and finishes
-    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(dtype="float32"), RunDir(tmp_path))
+    task.reward = even  # the judge is back: the same folder resumes and finishes
+    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(tiny_model_dir, dtype="float32"), RunDir(tmp_path))
     fit(job)
     assert [r["step"] for r in RunDir(tmp_path).read_log()] == [1, 2]
     assert [r["step"] for r in RunDir(tmp_path).read_log("dev.jsonl")] == [0, 2]
 
 
-def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path):
+def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path, tiny_model_dir):
     import json
 
     from mmgrpo.config import load_config
     from mmgrpo.grpo.run import build
 
-    cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false"])
+    tiny = f"model.name={tiny_model_dir}"
+    cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false", tiny])
     job = build(cfg, path=tmp_path / "run")
     job.backend.close()
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -220,32 +223,32 @@ def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
     build(cfg, resume=str(tmp_path / "run")).backend.close()  # the missing key reads as its default
     moved = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path / 'elsewhere'}",
-                                         "run.progress=false"])
+                                         "run.progress=false", tiny])
     build(moved, resume=str(tmp_path / "run")).backend.close()  # where the folder sits is not what is learned
     with pytest.raises(ValueError, match=r"differs from the run's saved config in \['prefix_attention'\]"):
         build(load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false",
-                                           "grpo.prefix_attention=cache"]), resume=str(tmp_path / "run"))
+                                           "grpo.prefix_attention=cache", tiny]), resume=str(tmp_path / "run"))
 
 
-def test_continuous_batching_is_a_rollout_setting_that_reaches_the_backend(tmp_path):
+def test_continuous_batching_is_a_rollout_setting_that_reaches_the_backend(tmp_path, tiny_model_dir):
     from mmgrpo.config import load_config
     from mmgrpo.grpo.run import build
 
     for value in (True, False):
         cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false",
-                                           f"rollout.continuous_batching={str(value).lower()}"])
+                                           f"model.name={tiny_model_dir}", f"rollout.continuous_batching={str(value).lower()}"])
         job = build(cfg, path=tmp_path / str(value))
         assert job.backend.continuous is value
         job.backend.close()
 
 
-def test_prefill_tokens_is_a_rollout_setting_that_reaches_the_backend(tmp_path):
+def test_prefill_tokens_is_a_rollout_setting_that_reaches_the_backend(tmp_path, tiny_model_dir):
     from mmgrpo.config import load_config
     from mmgrpo.grpo.run import build
 
     for value in (4096, 0):  # 0: chunks bounded by rows only
         cfg = load_config(None, overrides=["task.name=banking77", f"run.out={tmp_path}", "run.progress=false",
-                                           f"rollout.prefill_tokens={value}"])
+                                           f"model.name={tiny_model_dir}", f"rollout.prefill_tokens={value}"])
         job = build(cfg, path=tmp_path / str(value))
         assert job.backend.prefill_tokens == value
         job.backend.close()
