@@ -1,10 +1,11 @@
 """OpenMP's wait policy, alone and beside another busy process: greedy decoding (8 rows x 24 tokens)
 and 32 concurrent Banking77 programs with the embedded model, each in a fresh process, under
 - spin:    libgomp's default (threads spin ~300,000 times after each op before sleeping),
-- passive: OMP_WAIT_POLICY=PASSIVE (what importing mmgrpo sets unless you set either variable),
-- short:   GOMP_SPINCOUNT=10000.
+- passive: OMP_WAIT_POLICY=PASSIVE (the tests' setting: they run servers beside the learner),
+- short:   GOMP_SPINCOUNT=10000 (what importing mmgrpo sets unless you set either variable).
 "Busy" is a second process running 2-thread torch matmuls for the length of the measurement.
-Prints seconds per setting and, last, the passive/spin ratios alone and beside the busy process.
+Prints seconds per setting (the best of the repeats) and, last, the spin/passive and spin/short ratios
+alone and beside the busy process.
 Usage: python benchmarks/omp_spin.py [--repeats 2]
 """
 from __future__ import annotations

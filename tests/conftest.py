@@ -7,7 +7,15 @@ import sys
 
 import pytest
 
-from mmgrpo.lm.base import Completion, SamplingParams
+# the tests run servers and jobs beside the process that started them: idle OpenMP threads sleep at once
+# (set before mmgrpo and torch start; the processes the tests start inherit it)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# DSPy's LM fetches a model price list from the internet on first use (5 s timeout, then its bundled copy):
+# tests reach no address beyond this machine
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
+
+from mmgrpo.lm.base import Completion, SamplingParams  # noqa: E402
+
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ def test_the_core_never_imports_dspy():
 dspy = pytest.importorskip("dspy")
 
 import mmgrpo  # noqa: E402
+from mmgrpo.data import to_examples  # noqa: E402
 from mmgrpo.grpo.groups import group_calls  # noqa: E402
 from mmgrpo.integrations.dspy import DSPyProgram, dspy_metric  # noqa: E402
 from mmgrpo.lm.base import SamplingParams  # noqa: E402
@@ -81,7 +82,7 @@ def test_calls_are_token_exact_grouped_by_predictor_and_parse_failures_counted(l
     program = DSPyProgram(with_demos(Notes()), adapter=dspy.XMLAdapter())
     assert program.adapter.use_json_adapter_fallback is False  # one predictor call = one LM call
     rec = Recorder()
-    exs = mmgrpo.data.to_examples(examples(2), program.input_fields)
+    exs = to_examples(examples(2), program.input_fields)
     with dspy.context(callbacks=[rec]):
         roll = sample(program, exs, dspy_metric(short_answer), lm, n_samples=4, seed=3, progress=False,
                       params=SamplingParams(temperature=0.7, max_tokens=48))
@@ -120,8 +121,8 @@ def test_calls_are_token_exact_grouped_by_predictor_and_parse_failures_counted(l
 def test_dspy_program_trains_and_round_trips_with_a_dspy_optimizer_first(tmp_path):
     config = {"model": {"dtype": "float32", "sampler_dtype": "model"},  # sampler and learner agree to 1e-5
               "rollout": {"batch_examples": 2, "group_size": 4, "max_tokens": 32, "temperature": 1.0},
-              "prompts": {"max_demos": 2, "train_examples": 4},
-              "run": {"steps": 2, "eval_every": 1, "eval_examples": 3, "out": str(tmp_path), "progress": False}}
+              "prompts": {"max_demos": 2, "train_examples": 2},
+              "run": {"steps": 2, "eval_every": 2, "eval_examples": 2, "out": str(tmp_path), "progress": False}}
     with dspy.context(adapter=dspy.XMLAdapter()):  # the user's configured adapter is the one used
         res = mmgrpo.optimize(with_demos(Notes()), train=examples(6), dev=examples(3), metric=short_answer,
                               strategy="dspy.BootstrapFewShot -> weights", config=config)
@@ -135,8 +136,8 @@ def test_dspy_program_trains_and_round_trips_with_a_dspy_optimizer_first(tmp_pat
     assert any(state[name]["demos"] for name in ("query", "answer")), state
     assert res.program.predictors()["answer"].demos
     name = next(n for n in ("query", "answer") if state[n]["demos"])
-    roll = sample(res.program, mmgrpo.data.to_examples(examples(2), ["topic"]), dspy_metric(short_answer),
-                  res.backend, n_samples=4, progress=False, params=SamplingParams(temperature=0.7, max_tokens=32))
+    roll = sample(res.program, to_examples(examples(2), ["topic"]), dspy_metric(short_answer),
+                  res.backend, n_samples=2, progress=False, params=SamplingParams(temperature=0.7, max_tokens=32))
     demo = state[name]["demos"][-1]  # the optimizer's: with_demos' own come first, if it kept them
     calls = [c for t in roll.trajectories for c in t.calls if c.module == name]
     assert calls and all(any(str(demo["topic"]) in m["content"] for m in c.messages[1:-1]) for c in calls), (
@@ -146,8 +147,8 @@ def test_dspy_program_trains_and_round_trips_with_a_dspy_optimizer_first(tmp_pat
     res.save(tmp_path / "saved")
     again = mmgrpo.load(tmp_path / "saved", program=Notes(), device="cpu", dtype="float32")
     assert dict(again(topic="rivers")) == dict(first)
-    score = again.evaluate(examples(3), short_answer)
-    assert score.n == 3 and 0 <= score.mean <= 1
+    score = again.evaluate(examples(2), short_answer)
+    assert score.n == 2 and 0 <= score.mean <= 1
     # served: plain DSPy, its own LM client, against `mmgrpo serve` of the result, answers the same
     from mmgrpo.serve import start
 

@@ -8,12 +8,14 @@ a subpackage named ``optimize`` would shadow the function.)
 import os
 from typing import Any
 
-# torch's OpenMP threads spin after each op by default (libgomp). Beside another busy process each of the
-# many small ops of decoding then waits for a scheduler tick: greedy decoding ran ~20x slower beside a
-# second torch process (benchmarks/omp_spin.py). Sleeping threads cost ~10% when the machine is idle; set
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise. Read once, when torch starts OpenMP.
+# torch's OpenMP threads spin ~300,000 times after each op before sleeping (libgomp's default). Beside
+# another busy process each of the many small ops of decoding then waits for a scheduler tick: greedy
+# decoding ran 6-22x slower beside a 2-thread torch process. 10,000 spins keep the speed of a machine to
+# yourself and lose less when shared (benchmarks/omp_spin.py; docs/performance.md). Set OMP_WAIT_POLICY or
+# GOMP_SPINCOUNT yourself to choose otherwise (PASSIVE: best when shared, ~25% slower decoding alone).
+# Read once, when torch starts OpenMP: import mmgrpo before torch.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 __version__ = "0.1.0"
 
