@@ -31,7 +31,8 @@ case "$cmd" in
     exec .venv/bin/mmgrpo train examples/banking77_demo.toml "$@" ;;
   test)
     ensure_env
-    exec .venv/bin/python -m pytest -q "$@" ;;
+    # two workers, a file each at a time (module-scoped servers and clusters stay in one process)
+    exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@" ;;
   env)
     ensure_env ;;
   *)

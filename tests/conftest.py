@@ -90,3 +90,13 @@ def tiny_model_dir(tmp_path_factory):
     b.tokenizer.save_pretrained(folder)
     b.close()
     return str(folder)
+
+
+# the files whose tests take longest go first: `./run.sh test` runs files on 2 workers
+# (pytest-xdist, --dist loadfile), and a long file started last would run alone at the end
+SLOW_FILES = ("test_grpo_train.py", "test_dspy.py", "test_faults.py", "test_prompt_search.py")
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(SLOW_FILES)))  # stable: files keep their order
