@@ -1,5 +1,5 @@
 """A long mmGRPO run that survives being stopped: its run folder lives under studies/long_runs/ (records
-and the latest checkpoint, committed as it goes), each call continues it, and --minutes ends a call
+committed as it goes with --commit-every, the latest checkpoint at the end of each call), each call continues it, and --minutes ends a call
 cleanly (Ctrl-C: the last checkpoint is kept). The summary, studies/results/long_<name>.json, holds the
 training reward by step with its least-squares slope and 95% CI, and dev by step; once the run is
 finished, the adapter dev chose and the untouched program are scored once on the full test split
@@ -92,20 +92,25 @@ def summarize(name: str, run: Path) -> dict:
     return out
 
 
-def commit(name: str) -> None:
-    """Commit the run's records, its latest finished checkpoint (never one being written) and the summary."""
+def commit(name: str, checkpoint: bool) -> None:
+    """Commit the run's records and the summary; with ``checkpoint``, its latest finished checkpoint too
+    (never one being written). A checkpoint is ~70 MB (adapter, optimizer state, best adapter) and each
+    one committed adds itself and removes the one before from the history's diffs: so only at the end of a
+    call, while the records go in as often as asked."""
     run = sorted((HERE / "long_runs").glob(f"{name}-2*"))[-1]
     latest = run / "checkpoints" / "latest"
     paths = [p for p in run.iterdir() if p.name not in ("checkpoints", "best_adapter")]
-    if latest.exists():
+    if checkpoint and latest.exists():
         paths += [latest, run / "checkpoints" / latest.read_text().strip()]
     summary = HERE / "results" / f"long_{name}.json"
     paths += [summary] if summary.exists() else []
     git = ["git", "-C", str(ROOT)]
     metrics = run / "metrics.jsonl"
     step = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-    try:  # the old checkpoint leaves the index, the latest enters it
-        subprocess.run([*git, "rm", "-r", "-q", "--cached", "--ignore-unmatch", str(run / "checkpoints")], check=True)
+    try:
+        if checkpoint:  # the old checkpoint leaves the index, the latest enters it
+            subprocess.run([*git, "rm", "-r", "-q", "--cached", "--ignore-unmatch", str(run / "checkpoints")],
+                           check=True)
         subprocess.run([*git, "add", "-A", "-f", *map(str, paths)], check=True)
         subprocess.run([*git, "commit", "-q", "-m", f"studies: long run {name}, {step} steps"], check=True)
     except subprocess.CalledProcessError as e:  # e.g. the index busy: the next commit catches up
@@ -118,7 +123,7 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--minutes", type=float, default=0, help="stop this call cleanly after this long (0: run to the end)")
     ap.add_argument("--commit-every", type=float, default=0, metavar="MIN",
-                    help="commit the run folder (records and latest checkpoint) to git this often, and at the end")
+                    help="commit the run's records to git this often, and at the end with its latest checkpoint")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     config, overrides, _ = RUNS[args.name]
@@ -138,12 +143,12 @@ def main():
             proc.wait()
         elif args.commit_every and time.time() - last > args.commit_every * 60:
             last = time.time()
-            commit(args.name)
+            commit(args.name, checkpoint=False)
     time.sleep(0.5)
     run = sorted(out.glob(f"{args.name}-2*"))[-1]
     s = summarize(args.name, run)
     if args.commit_every:
-        commit(args.name)
+        commit(args.name, checkpoint=True)
     sl = s["reward_slope"]
     print(f"{args.name}: {s['steps_done']} steps, reward slope "
           + (f"{sl['per_100_steps']:+.3f} ± {100 * sl['ci95']:.3f} per 100 steps" if "slope" in sl else "n/a")
