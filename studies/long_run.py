@@ -1,9 +1,9 @@
 """A long mmGRPO run that survives being stopped: its run folder lives under studies/long_runs/ (records
-committed as it goes with --commit-every, the latest checkpoint at the end of each call), each call continues it, and --minutes ends a call
-cleanly (Ctrl-C: the last checkpoint is kept). The summary, studies/results/long_<name>.json, holds the
-training reward by step with its least-squares slope and 95% CI, and dev by step; once the run is
-finished, the adapter dev chose and the untouched program are scored once on the full test split
-(studies/long_runs/evals/), with their paired difference.
+committed as it goes with --commit-every, the latest checkpoint at the end of each call), each call
+continues it, and --minutes ends a call cleanly (Ctrl-C: the last checkpoint is kept). The summary,
+studies/results/long_<name>.json, holds the training reward by step with its least-squares slope and 95%
+CI, and dev by step; once the run is finished, the adapter dev chose and the untouched program are scored
+once on the full test split (studies/long_runs/evals/), with their paired difference.
 
 Usage: python studies/long_run.py banking77 [--steps 100] [--minutes 40] [--set SECTION.KEY=VALUE ...]
 Runs: banking77 (the README demo's program and settings, 100 dev examples every 10 steps), multihop and

@@ -17,7 +17,6 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")
 from mmgrpo.lm.base import Completion, SamplingParams  # noqa: E402
 
 
-
 @pytest.fixture(scope="session")
 def lm():
     from mmgrpo.lm.hf import HFBackend

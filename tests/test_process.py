@@ -22,7 +22,7 @@ def test_freed_heap_pages_go_back_to_the_system():
     assert models.return_freed_memory()
     after = resident()
     assert before - after > 100 * 2 ** 20, (before, after)
-    assert len(kept) == 60
+    del kept  # held until the pages around them were measured
 
 
 def test_importing_mmgrpo_bounds_openmp_spinning_unless_told_otherwise():

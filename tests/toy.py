@@ -25,8 +25,12 @@ def short(ex, pred) -> float:
     return float(len(pred["sentence"].split()) <= 4)
 
 
+def _examples() -> list[Example]:
+    return [Example(f"t{i}", {"topic": t}) for i, t in enumerate(TOPICS)]
+
+
 def toy_task() -> Task:
-    exs = [Example(f"t{i}", {"topic": t}) for i, t in enumerate(TOPICS)]
+    exs = _examples()
     return Task("toy", Toy, short, short, train=exs[:4], dev=exs, test=exs)
 
 
@@ -51,5 +55,5 @@ def even(ex, pred) -> float:
 
 
 def lenient_toy_task() -> Task:
-    exs = [Example(f"t{i}", {"topic": t}) for i, t in enumerate(TOPICS)]
+    exs = _examples()
     return Task("toy", LenientToy, even, even, train=exs[:4], dev=exs, test=exs)

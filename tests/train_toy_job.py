@@ -4,11 +4,11 @@ One example a step; example t2 always scores 0.5, so the step that draws it (ste
 has equal rewards in every group and makes no update: resume must count it all the same.
 
 ``python train_toy_job.py RUN STEPS [PHASE:K] [--model DIR]``: ``--model``, a tiny random model's folder,
-runs the lenient toy program scored by reply length parity instead of the embedded model. With a fault, the process SIGKILLs itself at the
-K-th event of PHASE in this process: ``rollout`` (a training reward), ``update`` (a micro-batch
-loss, mid-update), ``checkpoint`` (an optimizer-state write: the adapter is already in the temp
-folder), ``rename`` (after a rename of the run's atomic writes and publishes), ``dev`` (a dev
-metric call), ``log`` (after a metrics line is written, before its checkpoint).
+runs the lenient toy program scored by reply length parity instead of the embedded model. With a fault,
+the process SIGKILLs itself at the K-th event of PHASE in this process: ``rollout`` (a training reward),
+``update`` (a micro-batch loss, mid-update), ``checkpoint`` (an optimizer-state write: the adapter is
+already in the temp folder), ``rename`` (after a rename of the run's atomic writes and publishes),
+``dev`` (a dev metric call), ``log`` (after a metrics line is written, before its checkpoint).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from toy import even, lenient_toy_task, short, toy_task  # noqa: E402
+from toy import lenient_toy_task, toy_task  # noqa: E402
 
 from mmgrpo import runlog  # noqa: E402
 from mmgrpo.grpo import trainer as trainer_mod  # noqa: E402
@@ -94,7 +94,7 @@ def main(run_dir: str, steps: int, fault: str | None = None, model: str | None =
                       temperature=0.7, eval_every=1000 if steps <= 4 else 2, eval_examples=2,
                       checkpoint_every=1, keep_checkpoints=2, progress=False, seed=3)
     task = lenient_toy_task() if model else toy_task()
-    task.reward = constant_on_t2(even if model else short)
+    task.reward = constant_on_t2(task.reward)
     if fault:
         inject(fault, task)
     job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(model or "smollm2-135m"), RunDir(run_dir))
