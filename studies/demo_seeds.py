@@ -40,6 +40,12 @@ VARIANTS = {  # name -> --set overrides of the demo config (whose learning rate 
     "bf16": ["model.dtype=bfloat16", "grpo.loss_denominator=batch"],
     # rollouts and dev sampled by a bfloat16 copy of the weights, the update in float32
     "bf16-sampler": ["model.sampler_dtype=bfloat16", "grpo.loss_denominator=batch"],
+    # the configuration's defaults as they are now, the reference of the two below
+    "defaults": [],
+    # the update's matrix products in bfloat16 (autocast), its weights, logits and log-probs in float32
+    "bf16-update": ["model.update_dtype=bfloat16"],
+    # rollouts of step t sampled by the weights after step t - 2, during step t - 1's update
+    "lag1": ["rollout.max_policy_lag=1"],
 }
 
 

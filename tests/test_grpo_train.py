@@ -52,18 +52,21 @@ def test_mmgrpo_raises_the_reward_of_a_two_module_program(tmp_path):
     assert mean(after) - mean(before) > 2 * se, (mean(before), mean(after), se, [r["reward_mean"] for r in records])
 
 
-def _run(run_dir, steps, model):
+def _run(run_dir, steps, model, lag=0):
     env = dict(os.environ, PYTHONHASHSEED="0")
     return subprocess.Popen([sys.executable, str(HERE / "train_toy_job.py"), str(run_dir), str(steps),
-                             "--model", model], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--model", model, "--lag", str(lag)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
 
 
-def test_resume_after_sigkill_gives_the_same_final_adapter_on_a_busy_machine(tmp_path, cpu_hog, tiny_model_dir):
+@pytest.mark.parametrize("lag", [0, 1])
+def test_resume_after_sigkill_gives_the_same_final_adapter_on_a_busy_machine(tmp_path, cpu_hog, tiny_model_dir, lag):
     """Killed after step 2, resumed: the same adapter as a straight run, while other processes
     keep every core busy (batches must not depend on timing). Step 1 makes no update. Mechanics: a tiny
-    random model, whose steps are short: six of them, so that the kill lands mid-run."""
+    random model, whose steps are short: six of them, so that the kill lands mid-run. At lag 1 the
+    rollouts of the next step are in flight when the kill comes."""
     steps = 6
-    straight = _run(tmp_path / "straight", steps, tiny_model_dir)
+    straight = _run(tmp_path / "straight", steps, tiny_model_dir, lag)
     _, err = straight.communicate(timeout=900)
     assert straight.returncode == 0, err.decode()[-2000:]
     log = RunDir(tmp_path / "straight").read_log()
@@ -72,7 +75,7 @@ def test_resume_after_sigkill_gives_the_same_final_adapter_on_a_busy_machine(tmp
     assert any(r["updated"] for r in log[1:])
 
     killed_dir = tmp_path / "killed"
-    proc = _run(killed_dir, steps, tiny_model_dir)
+    proc = _run(killed_dir, steps, tiny_model_dir, lag)
     latest = killed_dir / "checkpoints" / "latest"
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -85,7 +88,7 @@ def test_resume_after_sigkill_gives_the_same_final_adapter_on_a_busy_machine(tmp
     assert proc.returncode == -signal.SIGKILL
     assert latest.read_text().strip() != f"step-{steps:06d}"
 
-    resumed = _run(killed_dir, steps, tiny_model_dir)
+    resumed = _run(killed_dir, steps, tiny_model_dir, lag)
     _, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err.decode()[-2000:]
     a = load_file(str(tmp_path / "straight" / "checkpoints" / f"step-{steps:06d}" / "adapter_model.safetensors"))

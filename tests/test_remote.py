@@ -395,3 +395,44 @@ def test_a_load_retried_after_a_lost_answer_counts_as_loaded_and_other_errors_do
     _load(Server("400: The lora adapter 'v3' has already been loaded."), "v3", "/runs/x/policy/v3")
     with pytest.raises(LMServerError, match="No adapter found"):
         _load(Server("400: No adapter found at /runs/x/policy/v3"), "v3", "/runs/x/policy/v3")
+
+
+def test_lagged_training_through_mmgrpo_serve_matches_in_process_keeps_its_versions_and_resumes(tmp_path,
+                                                                                             tiny_model_dir):
+    """max_policy_lag = 1 through a server: each step asks for the adapter of its scheduled version (the
+    last two stay loaded), the run equals the in-process lagged run, and a resumed run pushes the version
+    its checkpoint kept again."""
+    def cfg(steps, **kw):
+        return TrainConfig(**{"task": "toy", "steps": steps, "batch_examples": 2, "group_size": 4, "max_tokens": 12,
+                              "learning_rate": 2e-3, "temperature": 0.8, "eval_every": 2, "eval_examples": 3,
+                              "checkpoint_every": 1, "keep_checkpoints": 2, "progress": False, "seed": 5,
+                              "max_policy_lag": 1, "tis_cap": 2.0, **kw})
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    proc = start_server(port, tiny_model_dir)
+    try:
+        remote = run_toy(cfg(4, servers=[url]), tmp_path / "remote", model=tiny_model_dir)
+        run_toy(cfg(4), tmp_path / "local", model=tiny_model_dir)
+        logs = {n: RunDir(tmp_path / n).read_log() for n in ("remote", "local")}
+        assert [r["policy_versions"] for r in logs["remote"]] == [[0], [0], [1], [2]]
+        assert [r["reward_mean"] for r in logs["remote"]] == [r["reward_mean"] for r in logs["local"]]
+        a, b = adapter(tmp_path / "remote", 4), adapter(tmp_path / "local", 4)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+        loads = [p["load"] for p in remote.sampler.pushes if "load" in p]
+        assert [p["unload"] for p in remote.sampler.pushes if "unload" in p] == loads[:-2]  # two stay loaded
+        served = json.loads(urllib.request.urlopen(url + "/models").read())["data"]
+        assert sorted(d["id"] for d in served if d["parent"]) == sorted(loads[-2:])
+        assert sorted(p.name for p in (tmp_path / "remote" / "policy").iterdir()) == sorted(loads[-2:])
+
+        run_toy(cfg(2, servers=[url]), tmp_path / "resumed", model=tiny_model_dir)
+        again = run_toy(cfg(4, servers=[url]), tmp_path / "resumed", model=tiny_model_dir)
+        kept = 1 if logs["remote"][0]["updated"] else 0  # what step 3 samples with, then the live version 2
+        assert [p["version"] for p in again.sampler.pushes if "load" in p][:2] == [kept, 2]
+        c = adapter(tmp_path / "resumed", 4)
+        assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-4
+        assert [r["reward_mean"] for r in RunDir(tmp_path / "resumed").read_log()] == \
+            [r["reward_mean"] for r in logs["remote"]]
+    finally:
+        proc.kill()
+        proc.wait()

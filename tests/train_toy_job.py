@@ -3,8 +3,9 @@
 One example a step; example t2 always scores 0.5, so the step that draws it (step 1 with seed 3)
 has equal rewards in every group and makes no update: resume must count it all the same.
 
-``python train_toy_job.py RUN STEPS [PHASE:K] [--model DIR]``: ``--model``, a tiny random model's folder,
-runs the lenient toy program scored by reply length parity instead of the embedded model. With a fault,
+``python train_toy_job.py RUN STEPS [PHASE:K] [--model DIR] [--lag K]``: ``--model``, a tiny random model's
+folder, runs the lenient toy program scored by reply length parity instead of the embedded model;
+``--lag``: [rollout] max_policy_lag. With a fault,
 the process SIGKILLs itself at the K-th event of PHASE in this process: ``rollout`` (a training reward),
 ``update`` (a micro-batch loss, mid-update), ``checkpoint`` (an optimizer-state write: the adapter is
 already in the temp folder), ``rename`` (after a rename of the run's atomic writes and publishes),
@@ -89,10 +90,10 @@ def inject(fault: str, task) -> None:
         raise SystemExit(f"unknown fault phase {phase!r}")
 
 
-def main(run_dir: str, steps: int, fault: str | None = None, model: str | None = None) -> None:
+def main(run_dir: str, steps: int, fault: str | None = None, model: str | None = None, lag: int = 0) -> None:
     cfg = TrainConfig(task="toy", steps=steps, batch_examples=1, group_size=4, max_tokens=12, learning_rate=1e-3,
                       temperature=0.7, eval_every=1000 if steps <= 4 else 2, eval_examples=2,
-                      checkpoint_every=1, keep_checkpoints=2, progress=False, seed=3)
+                      checkpoint_every=1, keep_checkpoints=2, progress=False, seed=3, max_policy_lag=lag)
     task = lenient_toy_task() if model else toy_task()
     task.reward = constant_on_t2(task.reward)
     if fault:
@@ -103,8 +104,9 @@ def main(run_dir: str, steps: int, fault: str | None = None, model: str | None =
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    model = None
-    if "--model" in args:
-        i = args.index("--model")
-        model, args = args[i + 1], args[:i] + args[i + 2:]
-    main(args[0], int(args[1]), args[2] if len(args) > 2 else None, model)
+    opts = {}
+    for flag in ("--model", "--lag"):
+        if flag in args:
+            i = args.index(flag)
+            opts[flag], args = args[i + 1], args[:i] + args[i + 2:]
+    main(args[0], int(args[1]), args[2] if len(args) > 2 else None, opts.get("--model"), int(opts.get("--lag", 0)))

@@ -109,6 +109,7 @@ def resolve(name: str) -> str:
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAMPLER_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
+UPDATE_DTYPES = ("model", "bfloat16", "float16", "auto")
 
 
 def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
@@ -153,6 +154,21 @@ def pick_sampler_dtype(model, sampler_dtype: str = "auto") -> str | None:
     if sampler_dtype == "auto":
         sampler_dtype = "bfloat16" if own == "float32" and p.device.type == "cpu" and native_bf16() else "model"
     return None if sampler_dtype in ("model", own) else sampler_dtype
+
+
+def pick_update_dtype(model, update_dtype: str = "model"):
+    """The torch dtype the update's matrix products are autocast to, or None (no autocast: they run in
+    the model's dtype). ``auto``: bfloat16 for a float32 model on a CPU with native bf16."""
+    import torch
+
+    if update_dtype not in UPDATE_DTYPES:
+        raise ValueError(f"update_dtype {update_dtype!r}: use one of {', '.join(UPDATE_DTYPES)}")
+    p = next(model.parameters())
+    if update_dtype == "auto":
+        update_dtype = "bfloat16" if p.dtype == torch.float32 and p.device.type == "cpu" and native_bf16() else "model"
+    if update_dtype == "model" or getattr(torch, update_dtype) == p.dtype:
+        return None
+    return getattr(torch, update_dtype)
 
 
 def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..grpo.groups import DENOMINATORS, LEVELS, MODES
 from ..grpo.loss import LOSSES
-from ..models import DTYPES, SAMPLER_DTYPES
+from ..models import DTYPES, SAMPLER_DTYPES, UPDATE_DTYPES
 
 SCHEDULES = ("constant", "linear", "cosine")
 KERNELS = ("auto", "packed", "cache")
@@ -41,6 +41,10 @@ def validate(cfg) -> None:
     need(cfg.prefill_tokens >= 0, "prefill_tokens", "must be >= 0 (0 = bound prefill chunks by rows only)")
     need(cfg.prefix_attention in KERNELS, "prefix_attention", f"must be one of {', '.join(KERNELS)}")
     need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
+    need(cfg.max_policy_lag >= 0, "max_policy_lag", "must be >= 0 (0 = no overlap)")
+    need(not cfg.max_policy_lag or cfg.tis_cap not in ("off", None), "tis_cap",
+         "cannot be off with max_policy_lag > 0: lagged rollouts are corrected by importance weights; use "
+         "\"auto\" or a cap")
     need(0 <= cfg.max_error_rate <= 1, "max_error_rate", "must be in [0, 1]")
     need(cfg.train_with_demos or cfg.tis is not None, "tis_cap",
          "cannot be off with train_with_demos = false: the update's prompts (without demos) were never "
@@ -54,6 +58,7 @@ def validate(cfg) -> None:
     need(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     need(cfg.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
     need(cfg.sampler_dtype in SAMPLER_DTYPES, "sampler_dtype", f"must be one of {', '.join(SAMPLER_DTYPES)}")
+    need(cfg.update_dtype in UPDATE_DTYPES, "update_dtype", f"must be one of {', '.join(UPDATE_DTYPES)}")
     need(cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
          "device", "must be auto, cpu, cuda or cuda:N")
     if cfg.program:

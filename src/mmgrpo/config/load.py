@@ -14,7 +14,8 @@ from typing import Any
 from .schema import TrainConfig
 
 # keys added since whose default is not what a run saved before them ran with
-BEFORE_KEY = {"loss_denominator": "informative", "eval_max_tokens": 256, "tis_cap": None, "sampler_dtype": "model"}
+BEFORE_KEY = {"loss_denominator": "informative", "eval_max_tokens": 256, "tis_cap": None, "sampler_dtype": "model",
+              "update_dtype": "model"}
 
 
 def with_defaults(saved: dict) -> dict:
@@ -44,12 +45,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
 # stays flat (one documented field each). Section key -> field; a key is the field's name unless
 # renamed here.
 SECTIONS: dict[str, dict[str, str]] = {
-    "model": {"name": "model", "device": "device", "dtype": "dtype", "sampler_dtype": "sampler_dtype"},
+    "model": {"name": "model", "device": "device", "dtype": "dtype", "sampler_dtype": "sampler_dtype",
+              "update_dtype": "update_dtype"},
     "task": {"name": "task", "options": "task_options", "program": "program", "metric": "metric",
              "reward": "reward", "train": "train_data", "dev": "dev_data", "test": "test_data", "prompts": "prompts"},
     "rollout": {k: k for k in ("batch_examples", "group_size", "temperature", "top_p", "max_tokens", "concurrency",
                                "format_failure_score", "failure_score", "max_error_rate", "deterministic",
-                               "continuous_batching", "prefill_tokens",
+                               "continuous_batching", "prefill_tokens", "max_policy_lag",
                                "servers", "server_model", "adapter_dir", "request_timeout_s", "request_retries",
                                "request_backoff_s", "workers", "ray_address")},
     "grpo": {k: k for k in ("grouping", "group_level", "scale_rewards", "per_trajectory_norm", "loss_type", "epsilon",

@@ -35,6 +35,12 @@ class TrainConfig:
     learned as in float32 over 3 seeds (docs/performance.md); elsewhere the model samples. Where a
     copy samples, tis_cap = "auto" corrects for it, and the adapter-off variant (an outside LM, a
     judge) samples the base weights in that dtype."""
+    update_dtype: str = "model"
+    """model | bfloat16 | float16 | auto: the dtype of the update's matrix products (autocast), while the
+    weights, the residual stream, norms, the output head's logits, log-probs, LoRA weights and optimizer
+    state stay in ``dtype``. model: no autocast. auto: bfloat16 for a float32 model on a CPU with native
+    bf16, else model. The matrix products of the update run ~2x faster in bf16 on such a CPU
+    (docs/performance.md)."""
     task: str = "banking77"
     """Task by name (see `mmgrpo.tasks.TASKS`); ignored when `program` is set."""
     task_options: dict = field(default_factory=dict)
@@ -145,6 +151,15 @@ class TrainConfig:
     instead of padding 8 rows to its length. Prompts that fit leave batching unchanged. 0: rows only.
     One PAPILLON step with a 4,276-token prompt among 16 programs: peak memory 0.59x, time 0.78x,
     the same completions (benchmarks/rollout_long_prompts.py)."""
+    max_policy_lag: int = 0
+    """Overlap sampling with training: with lag k > 0 the rollouts of step t are sampled by policy version
+    max(0, t - 1 - k) (the weights after step t - 1 - k), so those of steps t+1 ... t+k are sampled while
+    step t's update runs. 0: each step samples with the weights its update starts from (no overlap).
+    Lagged tokens are weighted by truncated importance sampling against their recorded sampling
+    log-probs (cap: tis_cap, "auto" = 2.0); a trajectory more than k versions old is not trained on
+    (counted as n_stale). In-process, a copy of the weights samples (sampler_dtype's, or one in the
+    model's dtype); through servers, the last k + 1 adapters stay loaded. Exact resume either way
+    (the lagged versions are kept in each checkpoint). Evaluations wait for the rollouts in flight."""
     servers: list[str] = field(default_factory=list)
     """Policy servers that sample the rollouts and dev evaluations, e.g. ["http://127.0.0.1:8000/v1"]:
     `vllm serve MODEL --enable-lora --logprobs-mode processed_logprobs` (with

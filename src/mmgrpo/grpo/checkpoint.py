@@ -11,29 +11,36 @@ import torch
 
 from ..runlog import atomic_write, publish_dir, write_json, write_manifest
 
+POLICIES = "lagged_policies.safetensors"  # earlier policy versions that lagged rollouts sample with
+
 
 class Checkpoints:
     """The save / load half of `Trainer` (its state is set up there)."""
 
-    def save(self, folder: str | Path, extra: dict, best_adapter: Path | None = None) -> Path:
+    def save(self, folder: str | Path, extra: dict, best_adapter: Path | None = None,
+             policies: dict[int, dict] | None = None) -> Path:
         """Adapter (PEFT safetensors) + optimizer + scheduler + RNG + extra state (+ a copy of the
-        best adapter so far) + a manifest of their hashes, atomically."""
+        best adapter so far, + the earlier policy versions lagged rollouts still sample with, as
+        `HFBackend.policy_snapshot`s) + a manifest of their hashes, atomically."""
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self._write(tmp, extra, best_adapter)
+            self._write(tmp, extra, best_adapter, policies)
             publish_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing half-done behind
             raise
         return folder
 
-    def _write(self, tmp: Path, extra: dict, best_adapter: Path | None) -> None:
+    def _write(self, tmp: Path, extra: dict, best_adapter: Path | None, policies: dict[int, dict] | None) -> None:
         from safetensors.torch import save_file
 
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
+        if policies:
+            save_file({f"{v}:{k}": t.contiguous() for v, snap in policies.items() for k, t in snap.items()},
+                      str(tmp / POLICIES))
         if best_adapter is not None and best_adapter.is_dir():
             shutil.copytree(best_adapter, tmp / "best_adapter")
         opt = self.opt.state_dict()
@@ -80,6 +87,19 @@ class Checkpoints:
         self.step = state["step"]
         return state
 
+    @staticmethod
+    def load_policies(folder: str | Path) -> dict[int, dict]:
+        """The earlier policy versions a checkpoint kept ({} when none: a run without lag)."""
+        from safetensors.torch import load_file
+
+        path = Path(folder) / POLICIES
+        out: dict[int, dict] = {}
+        if path.exists():
+            for key, t in load_file(str(path)).items():
+                v, name = key.split(":", 1)
+                out.setdefault(int(v), {})[name] = t
+        return out
+
     def load_adapter(self, folder: str | Path) -> None:
         """Put a saved adapter's weights (e.g. best_adapter/) back into the policy."""
         from peft import set_peft_model_state_dict
@@ -89,11 +109,22 @@ class Checkpoints:
             set_peft_model_state_dict(self.model, load_file(str(Path(folder) / "adapter_model.safetensors")))
             self.backend.weights_changed()
 
-    def save_adapter(self, folder: str | Path) -> None:
+    def save_adapter(self, folder: str | Path, snapshot: dict | None = None) -> None:
+        """The adapter as a PEFT folder, atomically: the live one, or a `policy_snapshot` of an
+        earlier version (its LoRA factors in the live adapter's file layout)."""
+        from safetensors.torch import load_file, save_file
+
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
+        if snapshot is not None:
+            file = tmp / "adapter_model.safetensors"
+            saved = load_file(str(file))
+            for key in saved:  # base_model.model.<module>.lora_A.weight <- snapshot["<module>@A@default"]
+                module, which = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+                saved[key] = snapshot[f"{module}@{which[0]}@default"].contiguous()
+            save_file(saved, str(file), metadata={"format": "pt"})
         publish_dir(tmp, folder)
 
 

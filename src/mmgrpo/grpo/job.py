@@ -20,6 +20,7 @@ from ..trace import ERROR, OK, PARSE_FAILURE
 from . import distributed
 from .checkpoint import write_latest
 from .groups import assign_weights, compute_advantages, group_calls
+from .lag import LaggedRollouts, drop_stale
 from .stats import module_stats, sampled_entropy
 from .trainer import Trainer
 
@@ -50,6 +51,8 @@ class MMGRPO:
     def __init__(self, cfg: TrainConfig, task, program, backend, run: RunDir):
         self.cfg, self.task, self.program, self.backend, self.run = cfg, task, program, backend, run
         distributed.setup(cfg.device, cfg.dist_timeout_s)
+        if cfg.max_policy_lag and not cfg.servers and not backend.has_sampler_copy:
+            backend.add_sampler_copy()  # lagged versions sample from a copy while the live weights update
         self.trainer = Trainer(backend, cfg)
         self.trained = False  # set once fit has run: the adapter then belongs to the result
         self.best = {"dev": float("-inf"), "step": None}
@@ -79,22 +82,27 @@ class MMGRPO:
             self.workers = RaySampler(cfg.workers, task.make_program, task.reward, policy_settings(self.sampler),
                                       cfg.ray_address,
                                       timeout_s=cfg.request_timeout_s * (cfg.request_retries + 1) * 4 + 60)
+        if cfg.max_policy_lag and distributed.active():
+            raise ValueError("max_policy_lag > 0 is not supported in a data-parallel run (torchrun); set it to 0")
+        self.kept_policies: dict[int, dict] = {}  # lagged versions a resumed checkpoint kept
+        self.lagged = LaggedRollouts(self, cfg.max_policy_lag) if cfg.max_policy_lag and self.main else None
         self._nonce = uuid.uuid4().hex[:8]
         self.last_eval: tuple[tuple, dict] | None = None  # ((weights version, prompts), record) of the last dev eval
         self.warned = False  # the warning that every reply failed to parse is given once a run
         self.nonfinite = 0  # skipped non-finite updates in a row  # adapter names stay new across resumes of this run
 
-    def push_policy(self, step: int) -> None:
-        """Remote sampling: the current adapter becomes policy version ``step`` on every server
-        (written atomically, loaded under a new name; the previous one unloaded and deleted)."""
+    def push_policy(self, step: int, snapshot: dict | None = None) -> None:
+        """Remote sampling: the current adapter (or a kept ``snapshot`` of an earlier one) becomes policy
+        version ``step`` on every server (written atomically, loaded under a new name); adapters older
+        than the last max_policy_lag + 1 are unloaded and deleted."""
         if self.sampler is self.backend:
             return
         root = Path(self.cfg.adapter_dir) if self.cfg.adapter_dir else self.run.path / "policy"
         name = f"{self.run.path.name}-v{step}-{self._nonce}"
-        self.trainer.save_adapter(root / name)
-        self.sampler.push(root / name, name, step)
+        self.trainer.save_adapter(root / name, snapshot)
+        self.sampler.push(root / name, name, step, keep=self.cfg.max_policy_lag + 1)
         for old in root.glob(f"{self.run.path.name}-v*"):
-            if old.name != name:
+            if old.name not in self.sampler.loaded.values():
                 shutil.rmtree(old, ignore_errors=True)
 
     def evaluate(self, step: int, desc: str = "dev") -> dict:
@@ -106,6 +114,8 @@ class MMGRPO:
         elif unchanged:  # no update and no new prompts since the last evaluation: the same scores (greedy)
             rec = {**self.last_eval[1], "step": step, "eval_s": 0.0, "reused_from_step": self.last_eval[1]["step"]}
         else:
+            if self.lagged and self.sampler is self.backend:  # the sampler copy is the lagged rollouts' until they end
+                self.lagged.drain()
             res = evaluate(self.program, self.dev, self.task.metric, self.sampler, concurrency=self.cfg.concurrency,
                            max_tokens=self.cfg.eval_tokens, seed=self.cfg.seed, progress=self.cfg.progress,
                            desc=f"{desc} (step {step})")
@@ -126,7 +136,8 @@ class MMGRPO:
             self.trainer.save_adapter(self.run.path / "best_adapter")
         return rec
 
-    def train_step(self, step: int) -> dict:
+    def rollouts(self, step: int, lm):
+        """Step ``step``'s rollouts, sampled by ``lm`` (the sampler, or a lagged policy version)."""
         cfg = self.cfg
         batch = batch_for_step(self.task.train, step, cfg.batch_examples, cfg.seed)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
@@ -136,16 +147,21 @@ class MMGRPO:
 
             try:
                 roll = self.workers.sample(self.program, batch, n_samples=cfg.group_size, params=params, seed=seed,
-                                           model=self.sampler.model, version=self.sampler.version,
+                                           model=lm.model, version=lm.version,
                                            format_failure_score=cfg.format_failure_score,
                                            failure_score=cfg.failure_score, concurrency=cfg.concurrency)
             except RolloutWorkersFailed as exc:
                 raise TrainingStopped(f"step {step}: {exc}; nothing was trained on this step.") from exc
         else:
-            roll = sample(self.program, batch, self.task.reward, self.sampler, n_samples=cfg.group_size,
+            roll = sample(self.program, batch, self.task.reward, lm, n_samples=cfg.group_size,
                           params=params, concurrency=cfg.concurrency, seed=seed,
                           format_failure_score=cfg.format_failure_score, failure_score=cfg.failure_score,
-                          progress=cfg.progress, desc=f"step {step} rollouts")
+                          progress=cfg.progress and self.lagged is None, desc=f"step {step} rollouts")
+        return roll
+
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        roll = self.lagged.take(step, cfg.steps) if self.lagged else self.rollouts(step, self.sampler)
         if roll.outages:  # an outage is not a bad answer: train on none of this step
             raise TrainingStopped(f"step {step}: {len(roll.outages)} of {len(roll.trajectories)} rollouts could not "
                                   f"reach an LM server; nothing was trained on this step. First: "
@@ -164,7 +180,10 @@ class MMGRPO:
                 f"max_error_rate = {cfg.max_error_rate}); nothing was trained on this step. Most common error: "
                 f"{first}. Fix the cause (a server down? a crashing metric?) and resume the run.")
         stopping.check()  # a Ctrl-C swallowed during the rollouts: nothing of this step is trained
-        grouping = group_calls(roll.by_example(), cfg.grouping, cfg.group_level)
+        by_example, lag = roll.by_example(), {}
+        if self.lagged:  # a trajectory sampled more than max_policy_lag versions ago is not trained on
+            by_example, lag = drop_stale(by_example, step, cfg.max_policy_lag)
+        grouping = group_calls(by_example, cfg.grouping, cfg.group_level)
         if not grouping.groups and roll.counts.get(PARSE_FAILURE) == len(roll.trajectories) and not self.warned:
             self.warned = True
             print(f"mmgrpo: step {step}: every rollout's reply failed to parse, so no group carries signal and "
@@ -174,7 +193,7 @@ class MMGRPO:
         compute_advantages(grouping, cfg.scale_rewards)
         assign_weights(grouping, cfg.per_trajectory_norm, cfg.loss_denominator)
         distributed.broadcast(grouping)  # data-parallel: every rank updates on its share of it
-        upd = self.trainer.update(grouping) if grouping.groups else {"updated": False}
+        upd = self.trainer.update(grouping, step - 1 if self.lagged else None) if grouping.groups else {"updated": False}
         self.nonfinite = self.nonfinite + 1 if upd.get("nonfinite_skipped") else 0 if upd["updated"] else self.nonfinite
         if self.nonfinite >= cfg.max_nonfinite_steps:
             raise TrainingStopped(f"step {step}: {self.nonfinite} updates in a row had a non-finite loss or gradient "
@@ -182,6 +201,8 @@ class MMGRPO:
                                   f"weights are those before them. Lower grpo.learning_rate or check the rewards, "
                                   f"then resume.")
         self.trainer.finish_step()
+        if self.lagged:
+            self.lagged.finished(step, upd["updated"])
         versions = sorted({c.policy_version for t in roll.trajectories for c in t.calls})
         # rewards of the trajectories trained on: an error's score is not the model's
         rewards = [t.reward for t in roll.trajectories if t.status != ERROR] or [0.0]
@@ -192,7 +213,7 @@ class MMGRPO:
                 "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
                 **{f"n_{k}": v for k, v in roll.counts.items()}, **grouping.counts(),
                 "lm_calls": roll.lm_calls, "completion_tokens": roll.completion_tokens, "truncated": truncated,
-                "policy_versions": versions, "rollout_s": roll.seconds, "entropy": sampled_entropy(roll.trajectories),
+                "policy_versions": versions, **lag, "rollout_s": roll.seconds, "entropy": sampled_entropy(roll.trajectories),
                 **upd, "modules": modules}
 
     def keep_failures(self, step: int, trajectories) -> None:
@@ -209,7 +230,8 @@ class MMGRPO:
         name = f"step-{step:06d}"
         try:
             self.trainer.save(ck / name, {"best": self.best, "nonfinite": self.nonfinite},
-                              best_adapter=self.run.path / "best_adapter")
+                              best_adapter=self.run.path / "best_adapter",
+                              policies=self.lagged.kept() if self.lagged else None)
             write_latest(self.run.path, name)
         except OSError as exc:  # a full or failing disk: what was saved before stays intact
             prev = (ck / "latest").read_text().strip() if (ck / "latest").exists() else "none"
@@ -231,6 +253,7 @@ class MMGRPO:
             return 0
         name = self.intact_checkpoint(latest.read_text().strip())
         state = self.trainer.load(self.run.path / "checkpoints" / name)
+        self.kept_policies = self.trainer.load_policies(self.run.path / "checkpoints" / name)
         self.best = state["best"]
         self.nonfinite = state.get("nonfinite", 0)
         self._restore_best(self.run.path / "checkpoints" / name / "best_adapter")

@@ -3,7 +3,7 @@ each distinct prompt once, its completions after it, a block mask) and "cache" (
 once, its keys/values shared by the calls that continue it); `plan` picks the kernel and micro-batches."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -21,6 +21,25 @@ def _rows(cache, rows: list[int], dev):
     for li, layer in enumerate(cache.layers):
         out.update(layer.keys[idx], layer.values[idx], li)
     return out
+
+
+def _head_in_full(mod, args):
+    dev = args[0].device.type
+    mod._autocast_was = torch.is_autocast_enabled(dev)
+    torch.set_autocast_enabled(dev, False)
+    return (args[0].to(mod.weight.dtype), *args[1:])
+
+
+def _head_out(mod, args, out):
+    torch.set_autocast_enabled(args[0].device.type, mod._autocast_was)
+
+
+def keep_head_precise(model) -> None:
+    """The output head computes outside any autocast, from hidden states cast to its weights' dtype:
+    bf16 logits would round log-probs by up to ~0.1 (logits of 16-32 are 0.125 apart in bf16)."""
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(_head_in_full)
+    head.register_forward_hook(_head_out)
 
 
 class LogprobKernels:
@@ -86,12 +105,20 @@ class LogprobKernels:
         t = t.to(self.backend.device)
         kernel = self.kernel or ("plain" if not self.cfg.shared_prefix else self.kernels()[0])
         if kernel == "cache":  # its cache cannot be recomputed; token_budget bounds it
-            return self.cached_logprobs(seqs, t)
+            with self._autocast():
+                return self.cached_logprobs(seqs, t)
         long = self.forward_tokens(seqs, kernel) > self.cfg.recompute_tokens  # one call: the same either way
         if long and len(seqs) == 1:  # nothing to share: a causal mask needs no N x N block mask
             kernel = "plain"
-        with self._recompute(long):
+        with self._recompute(long), self._autocast():
             return self.completion_logprobs(seqs, t) if kernel == "plain" else self.packed_logprobs(seqs, t)
+
+    def _autocast(self):
+        """The forward pass's matrix products in ``update_dtype`` (none: a null context); the output
+        head is kept out of it (`keep_head_precise`), so logits and log-probs stay in the model's dtype."""
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(torch.device(self.backend.device).type, dtype=self.autocast)
 
     @staticmethod
     def forward_tokens(seqs: list[tuple[list[int], list[int]]], kernel: str) -> int:

@@ -56,6 +56,8 @@ def _fit(job: MMGRPO, start: int) -> dict:
     try:
         return _loop(job, start, trackers)
     finally:
+        if job.lagged is not None:  # the rollouts in flight end with the run
+            job.lagged.close()
         if trackers is not None:
             trackers.close()
         if job.workers is not None:  # the Ray actors end with the run
@@ -88,6 +90,10 @@ def _steps(job: MMGRPO, start: int, trackers) -> dict:
     cfg = job.cfg
     if start:
         print(f"mmgrpo: resumed {job.run.path} from step {start}", file=sys.stderr)
+    if job.lagged is not None:  # the earlier versions lagged rollouts sample with, then the live one
+        job.lagged.start(start, job.kept_policies)
+        for v, snapshot in sorted(job.kept_policies.items()):
+            job.push_policy(v, snapshot)
     job.push_policy(start)
     if start == 0:
         rec = job.evaluate(0, "baseline")

@@ -15,11 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import TIS_CAP, TrainConfig
-from ..models import return_freed_memory
+from ..models import pick_update_dtype, return_freed_memory
 from . import distributed
 from .checkpoint import Checkpoints
 from .groups import Grouping
-from .logprobs import LogprobKernels
+from .logprobs import LogprobKernels, keep_head_precise
 from .loss import grpo_loss, normalizer_total, sequence_coefficients
 
 
@@ -78,6 +78,9 @@ class Trainer(LogprobKernels, Checkpoints):
                              f"uses {attn!r}: set prefix_attention = \"cache\" (no block mask), shared_prefix = "
                              "false, or load the model with sdpa")
         self.attn = attn
+        self.autocast = pick_update_dtype(self.model, cfg.update_dtype)  # the update's matmuls (logprobs.py)
+        if self.autocast is not None:
+            keep_head_precise(self.model)
         self.share_rests = True  # a rest of a prompt asked by several calls is computed once (both kernels)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         distributed.sync_params(self.params)
@@ -86,9 +89,11 @@ class Trainer(LogprobKernels, Checkpoints):
         self.step = 0
         self.kernel: str | None = None  # the update kernel of the last plan (see plan)
 
-    def update(self, grouping: Grouping) -> dict:
+    def update(self, grouping: Grouping, version: int | None = None) -> dict:
         """One optimizer step (num_iterations of them) on the grouping's members; ``finish_step``
-        closes the loop step whether or not this ran."""
+        closes the loop step whether or not this ran. ``version``: the policy version being updated,
+        where rollouts may lag (max_policy_lag): calls sampled by an older one are weighted by
+        truncated importance sampling (cap: tis_cap, "auto" = TIS_CAP) even where the rest are not."""
         cfg = self.cfg
         members = grouping.members
         if not members:
@@ -109,6 +114,10 @@ class Trainer(LogprobKernels, Checkpoints):
         tis_cap = cfg.tis
         if tis_cap is None and cfg.tis_cap == "auto" and getattr(self.backend, "samples_apart", False):
             tis_cap = TIS_CAP  # a sampler copy in another dtype drew the tokens
+        # which calls get importance weights: all (tis_cap in force) or the lagged ones (None: none)
+        lagged = [version is not None and m.call.policy_version < version for m in members]
+        weigh = [True] * len(members) if tis_cap is not None else lagged if any(lagged) else None
+        cap = tis_cap if tis_cap is not None else (cfg.tis or TIS_CAP)
         all_seqs = [(update_prompt(m.call, self.backend.tokenize_chat, cfg.train_with_demos), m.call.completion_ids)
                     for m in members]
         temps = [m.call.temperature for m in members]
@@ -116,7 +125,7 @@ class Trainer(LogprobKernels, Checkpoints):
         mine = distributed.share(batches)  # all of them in a single process
         old: dict[int, torch.Tensor] = {}
         stats = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0,
-                 "ratio_dev": 0.0, "tis_sum": 0.0, "tis_capped": 0.0, "pg_loss": 0.0, "kl_loss": 0.0}
+                 "ratio_dev": 0.0, "tis_sum": 0.0, "tis_capped": 0.0, "tis_tokens": 0.0, "pg_loss": 0.0, "kl_loss": 0.0}
         modules = sorted({m.call.module for m in members})  # the same list on every rank
         per_module = torch.zeros(len(modules), 3, dtype=torch.float64)  # tokens, clipped, KL sum
         self.model.train()
@@ -152,8 +161,9 @@ class Trainer(LogprobKernels, Checkpoints):
                                 ref_cache[b] = self.logprobs(seqs, [temps[i] for i in mb])[0]
                         ref = ref_cache[b]
                     isw = None
-                    if tis_cap is not None:
-                        isw = torch.clamp(torch.exp(old_lp - sampler), max=tis_cap).detach()
+                    if weigh is not None:
+                        rows = torch.tensor([weigh[i] for i in mb], device=dev).unsqueeze(-1)
+                        isw = torch.where(rows, torch.clamp(torch.exp(old_lp - sampler), max=cap), 1.0).detach()
                     out = grpo_loss(logp, old_lp, torch.tensor([members[i].advantage for i in mb], device=dev),
                                     mask, torch.tensor([coefs[i] for i in mb], device=dev), cfg.epsilon,
                                     cfg.epsilon_high, cfg.beta, ref, isw, loss_type=cfg.loss_type)
@@ -170,8 +180,10 @@ class Trainer(LogprobKernels, Checkpoints):
                         stats["tokens"] += out.tokens
                         stats["ratio_dev"] += float(((logp.detach() - old_lp).exp() - 1).abs().mul(mask).sum())
                         if isw is not None:
-                            stats["tis_sum"] += float((isw * mask).sum())
-                            stats["tis_capped"] += float(((isw >= tis_cap) & mask.bool()).sum())
+                            weighed = mask.bool() & rows
+                            stats["tis_sum"] += float((isw * weighed).sum())
+                            stats["tis_capped"] += float(((isw >= cap) & weighed).sum())
+                            stats["tis_tokens"] += float(weighed.sum())
                 distributed.sum_grads(self.params)
                 it_loss = distributed.sum_values([it_loss], dev)[0]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
@@ -203,8 +215,10 @@ class Trainer(LogprobKernels, Checkpoints):
                 "modules_update": by_module, "clip_frac": stats["clipped"] / n_tok,
                 "kl": stats["kl"] / n_tok, "grad_norm": grad_norm, "lr": self.sched.get_last_lr()[0],
                 "ratio_dev": stats["ratio_dev"] / n_tok,
-                **({"tis_weight_mean": stats["tis_sum"] / n_tok, "tis_capped_frac": stats["tis_capped"] / n_tok}
-                   if tis_cap is not None else {}),
+                **({"tis_weight_mean": stats["tis_sum"] / max(stats["tis_tokens"], 1.0),
+                    "tis_capped_frac": stats["tis_capped"] / max(stats["tis_tokens"], 1.0),
+                    "tis_tokens": int(stats["tis_tokens"])} if weigh is not None else {}),
+                **({"lagged_calls": sum(lagged)} if version is not None else {}),
                 **({"truncated_masked": masked} if cfg.mask_truncated else {}),
                 "train_tokens": int(stats["tokens"]), "micro_batches": len(batches), "kernel": self.kernel,
                 "mismatch_mean": mismatch, "mismatch_max": stats["mismatch_max"],

@@ -18,6 +18,7 @@ from typing import Iterator, Protocol, runtime_checkable
 
 
 BASE = "<base>"  # a request's variant (HFBackend): the base model, every adapter off
+PINNED = "<pinned>"  # a request's variant (HFBackend): the trained weights of an earlier version (see `pin`)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BASE, Completion, SamplingParams
+from .base import BASE, PINNED, Completion, SamplingParams
 
 CANCELLED = "cancelled: the run was stopped"  # the error of requests a Ctrl-C cut short
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # backends whose batcher may still run
@@ -127,7 +127,7 @@ class Batcher:
             variants = list(dict.fromkeys(r.adapter for r in batch))  # in the batch's (sorted) order
             for k, adapter in enumerate(variants):  # one variant at a time
                 part = [r for r in batch if r.adapter == adapter]
-                if adapter not in (None, BASE) and adapter not in self.adapters():  # unloaded while queued
+                if adapter not in (None, BASE, PINNED) and adapter not in self.adapters():  # unloaded while queued
                     for r in part:  # their own error; the other variants' requests go on
                         r.future.set_exception(KeyError(f"no adapter {adapter!r} is loaded (loaded: {self.adapters()})"))
                     continue
@@ -166,6 +166,9 @@ class Batcher:
         error that stopped the batch reaches its request's future."""
         joined: list[_Request] = []
         try:
+            if self.runs_apart(adapter):  # a copy of the weights: the live model may be updating meanwhile
+                self._decode(reqs, adapter, admit, joined, held)
+                return
             with self.lock, self._variant(adapter):
                 was_training = self.model.training
                 self.model.eval()

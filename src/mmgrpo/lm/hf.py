@@ -10,7 +10,9 @@ Batching and its determinism: batcher.py; prefill and decoding: decode.py.
 
 Adapters. ``peft`` is the PeftModel injected into ``model`` (by the trainer, a loaded result,
 or ``add_adapter``). Each request names a variant: None (the model as it is), ``BASE`` (adapter
-switched off) or a loaded adapter's name; a batch runs one variant at a time.
+switched off) or a loaded adapter's name; a batch runs one variant at a time. ``PINNED`` (see `pin`)
+samples the trained variant of an earlier policy version from the sampler copy while the trainer
+updates the live weights (``[rollout] max_policy_lag``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .base import BASE, Completion, SamplingParams, chat_prompt_ids
+from .base import BASE, PINNED, Completion, SamplingParams, chat_prompt_ids
 from .batcher import _LIVE, Batcher, _Request
 from .decode import Decoder
 
@@ -52,15 +54,10 @@ class HFBackend(Batcher, Decoder):
         self._prefix_cache: dict[tuple, list] = {}
         # a copy of the weights in another dtype that samples the trained variant (see _sampler_net)
         self._sampler, self._sampler_version = None, -1
-        if sampler_dtype and getattr(torch, sampler_dtype) != next(model.parameters()).dtype:
-            import copy
-
-            self._sampler = copy.deepcopy(model).to(getattr(torch, sampler_dtype)).eval()
-            self._sampler.requires_grad_(False)
-        # the adapter-off variant (an outside LM, a judge) in the sampler's dtype too: the base weights
         self._base = None
-        if self._sampler is not None and not any("lora_" in n for n, _ in model.named_parameters()):
-            self._base = copy.deepcopy(self._sampler)
+        if sampler_dtype and getattr(torch, sampler_dtype) != next(model.parameters()).dtype:
+            self.add_sampler_copy(sampler_dtype)
+        self.pinned_version: int | None = None  # the policy version the sampler copy holds for PINNED
         self._cv = threading.Condition()  # guards _pending, _active, _closed
         self._pending: list[_Request] = []
         self._closed = False
@@ -96,7 +93,7 @@ class HFBackend(Batcher, Decoder):
     def complete(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Completion:
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to complete")
-        if adapter not in (None, BASE) and adapter not in self.adapters():
+        if adapter not in (None, BASE, PINNED) and adapter not in self.adapters():
             raise KeyError(f"no adapter {adapter!r} is loaded (loaded: {self.adapters()})")
         fut: Future = Future()
         with self._cv:
@@ -163,15 +160,85 @@ class HFBackend(Batcher, Decoder):
             yield
 
     def weights_changed(self) -> None:
-        """Call after an update: cached prompt prefixes were computed with the old weights."""
+        """Call after an update: cached prompt prefixes of the trained variant were computed with the
+        old weights (the dict is replaced, not cleared: a lagged rollout may be reading it)."""
         with self.lock:
-            self._prefix_cache.clear()
+            self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] in (BASE, PINNED)}
             self.version += 1
+
+    def add_sampler_copy(self, dtype: str | None = None) -> None:
+        """A copy of the weights (in ``dtype``; None: the model's) that samples the trained variant,
+        and one of the base weights for the adapter-off variant (an outside LM, a judge). Made
+        before an adapter is injected: lagged rollouts (max_policy_lag) need one even in the model's
+        own dtype, to sample while the live weights are updated."""
+        import copy
+
+        if any("lora_" in n for n, _ in self.model.named_parameters()):
+            raise RuntimeError("a sampler copy is made from the plain model, before an adapter is injected")
+        with self.lock:
+            self._sampler = copy.deepcopy(self.model).to(getattr(torch, dtype) if dtype else self.model.dtype).eval()
+            self._sampler.requires_grad_(False)
+            self._base = copy.deepcopy(self._sampler)
+            self._sampler_version = -1
+
+    # ---- lagged rollouts (max_policy_lag) -----------------------------------------------
+    def runs_apart(self, adapter: str | None) -> bool:
+        """Whether a batch of ``adapter`` runs on a copy of the weights, never touching the live model
+        (so it needs neither the lock nor an adapter switch, and may run during an update)."""
+        return not self._plain and (adapter == PINNED or (adapter == BASE and self._base is not None))
+
+    @torch.no_grad()
+    def policy_snapshot(self) -> dict[str, torch.Tensor]:
+        """The live adapter's LoRA factors, copied: ``{module: A}``, ``{module + "@B": B}`` (small; what
+        `pin` merges and a checkpoint keeps for a lagged policy version)."""
+        from peft.tuners.lora import LoraLayer
+
+        out = {}
+        with self.lock:
+            for name, mod in self.model.named_modules():
+                if isinstance(mod, LoraLayer):
+                    for a in self._lora_names(mod):
+                        out[f"{name}@A@{a}"] = mod.lora_A[a].weight.detach().clone()
+                        out[f"{name}@B@{a}"] = mod.lora_B[a].weight.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def pin(self, snapshot: dict[str, torch.Tensor], version: int) -> "PinnedView":
+        """Load policy ``version`` (a `policy_snapshot`) into the sampler copy and return the view that
+        samples it. The copy holds it, whatever the trainer does to the live weights meanwhile, until
+        the next pin or a request of the live trained variant (which re-syncs the copy). Call it when
+        no PINNED request is in flight."""
+        from peft.tuners.lora import LoraLayer
+
+        if self._sampler is None or self.peft is None or self._plain:
+            raise RuntimeError("pinned policy versions need a trained adapter and a sampler copy of the weights "
+                               "(HFBackend(..., sampler_copy=True))")
+        copies = dict(self._sampler.named_modules())
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, LoraLayer):
+                w = mod.get_base_layer().weight
+                for a in self._lora_names(mod):
+                    A, B = snapshot[f"{name}@A@{a}"], snapshot[f"{name}@B@{a}"]
+                    w = w + (B @ A) * mod.scaling[a]
+                copies[name].weight.copy_(w)
+        self._sampler_version = -1  # no longer the live weights
+        self.pinned_version = version
+        self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] != PINNED}
+        return PinnedView(self, version)
+
+    @staticmethod
+    def _lora_names(mod) -> list[str]:
+        return [a for a in (mod.active_adapters if not mod.disable_adapters else ()) if a in mod.lora_A]
+
+    @property
+    def has_sampler_copy(self) -> bool:
+        return self._sampler is not None
 
     @property
     def samples_apart(self) -> bool:
         """Whether a copy of the weights in another dtype samples the trained variant."""
-        return self._sampler is not None
+        return self._sampler is not None and next(self._sampler.parameters()).dtype != next(
+            self.model.parameters()).dtype
 
     def _net(self, adapter: str | None):
         """The weights that run a batch of ``adapter``: the sampler copy for the trained variant (the
@@ -181,6 +248,8 @@ class HFBackend(Batcher, Decoder):
             return self.model
         if adapter == BASE:
             return self._base if self._base is not None else self.model
+        if adapter == PINNED:
+            return self._sampler
         if adapter is not None:
             return self.model
         if self._sampler_version != self.version:
@@ -200,6 +269,33 @@ class HFBackend(Batcher, Decoder):
                         w = w + mod.get_delta_weight(a)
                 copies[name].weight.copy_(w)
         self._sampler_version = self.version
+        self.pinned_version = None  # the copy now holds the live weights
+
+
+class PinnedView:
+    """``HFBackend.pin(...)``: the trained variant as of policy ``version``, sampled by the sampler copy;
+    requests share the backend's batcher (and its ``clients``), and run during updates."""
+
+    def __init__(self, backend: HFBackend, version: int):
+        self.backend, self.version = backend, version
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        return self.backend.tokenize_chat(messages)
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Completion:
+        return self.complete(self.backend.tokenize_chat(messages), params)
+
+    def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        if self.backend.pinned_version != self.version:
+            raise RuntimeError(f"policy version {self.version} is no longer pinned (the sampler copy holds "
+                               f"{self.backend.pinned_version}); pin it again")
+        return self.backend.complete(prompt_ids, params, adapter=PINNED)
+
+    def clients(self, n: int):
+        return self.backend.clients(n)
+
+    def frozen(self) -> "FrozenView":
+        return self.backend.frozen()
 
 
 class FrozenView:

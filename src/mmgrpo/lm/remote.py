@@ -81,6 +81,7 @@ class RemotePolicy:
         self.model = self.base  # the name requests ask for: the base, or the current adapter
         self.version = 0  # policy version of self.model (the learner's step count when pushed)
         self.pushes: list[dict] = []  # every load/unload, for the step log and tests
+        self.loaded: dict[int, str] = {}  # policy version -> adapter name, the versions still served
         self._lock = threading.Lock()
 
     def _base_model(self) -> str:
@@ -112,9 +113,16 @@ class RemotePolicy:
         """The servers' base model (no adapter): a fixed LM, as ``HFBackend.frozen``."""
         return _BaseView(self)
 
-    def push(self, adapter_dir: str | Path, name: str, version: int) -> None:
+    def at(self, version: int) -> "PolicyAt":
+        """Policy ``version`` (the newest loaded version <= it: a step without an update pushes none),
+        for lagged rollouts; it stays loaded while it is among the last ``keep`` pushed."""
+        from ..grpo.lag import newest_at_most
+
+        return PolicyAt(self, self.loaded[newest_at_most(self.loaded, version)], version)
+
+    def push(self, adapter_dir: str | Path, name: str, version: int, keep: int = 1) -> None:
         """Serve a new policy version: load ``adapter_dir`` (readable by every server) as ``name`` on
-        every server, switch requests to it, then unload the previous adapter."""
+        every server, switch requests to it, then unload the adapters older than the last ``keep``."""
         path = str(Path(adapter_dir).resolve())
         with self._lock:
             loaded = []
@@ -129,9 +137,11 @@ class RemotePolicy:
                     except LMServerError:
                         pass
                 raise
-            old, self.model, self.version = self.model, name, version
+            self.model, self.version = name, version
+            self.loaded[version] = name
             self.pushes.append({"load": name, "version": version})
-            if old != self.base:
+            for v in sorted(self.loaded)[:-keep]:
+                old = self.loaded.pop(v)
                 for s in self.servers:
                     try:
                         s.request("/unload_lora_adapter", {"lora_name": old}, want_json=False)
@@ -149,6 +159,25 @@ def _load(server, name: str, path: str) -> None:
     except LMServerError as exc:
         if "already" not in str(exc).lower():
             raise
+
+
+class PolicyAt:
+    """``RemotePolicy.at(version)``: requests ask for that version's adapter."""
+
+    def __init__(self, policy: RemotePolicy, model: str, version: int):
+        self.policy, self.model, self.version = policy, model, version
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        return self.policy.tokenize_chat(messages)
+
+    def chat(self, messages: list[dict], params: SamplingParams) -> Completion:
+        return self.complete(self.policy.tokenize_chat(messages), params)
+
+    def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        return self.policy.complete(prompt_ids, params, model=self.model)
+
+    def frozen(self) -> "_BaseView":
+        return self.policy.frozen()
 
 
 class _BaseView:
