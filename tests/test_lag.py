@@ -136,3 +136,13 @@ def test_lag_needs_importance_weights():
         TrainConfig(max_policy_lag=1, tis_cap="off")
     with pytest.raises(ValueError, match="max_policy_lag"):
         TrainConfig(max_policy_lag=-1)
+
+
+def test_the_report_shows_the_lag_of_a_lagged_run(tmp_path, tiny_model_dir):
+    from mmgrpo.report import write_report
+
+    run(config(1, steps=3, eval_every=1000), tmp_path / "run", tiny_model_dir)
+    page = write_report(tmp_path / "run").read_text()
+    assert (tmp_path / "run" / "report" / "lag.png").read_bytes()[:4] == b"\x89PNG"
+    head = page.split("<h2>Steps</h2>")[1].split("</thead>")[0]
+    assert "<th>policy_lag_mean</th>" in head and "<th>n_stale</th>" in head

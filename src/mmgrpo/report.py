@@ -117,6 +117,15 @@ def run_plots(steps: list[dict], devs: list[dict]) -> dict[str, tuple[str, bytes
     plots["update"] = ("Update: KL, clip fraction, grad norm, sampler/learner mismatch, sampled entropy",
                        _figure(health, "update health", "value (symlog)"))
 
+    if any("policy_lag_mean" in r for r in steps):  # a run with max_policy_lag > 0
+        def lag(ax):
+            for k in LAG_KEYS:
+                xs, ys = _series(steps, k)
+                if xs:
+                    ax.plot(xs, ys, marker=".", label=k)
+        plots["lag"] = ("Policy lag: mean lag of the rollouts, stale ones (not trained on), importance weights' "
+                        "mean and share capped", _figure(lag, "policy lag", "value"))
+
     def times(ax):
         for k in ("rollout_s", "update_s", "eval_s", "push_s"):
             xs, ys = _series(steps, k)
@@ -161,6 +170,7 @@ def _table(rows: list[dict], keys: list[str]) -> str:
 STEP_KEYS = ["step", "reward_mean", "reward_std", "n_ok", "n_parse_failure", "n_error", "groups_used", "updated",
              "loss", "pg_loss", "kl", "clip_frac", "grad_norm", "mismatch_mean", "entropy", "lr", "rollout_s",
              "update_s", "dev"]
+LAG_KEYS = ["policy_lag_mean", "n_stale", "tis_weight_mean", "tis_capped_frac"]  # shown where a run lagged
 MODULE_KEYS = ["step", "module", "calls", "parse_failures", "reward_mean", "groups_used", "advantage_abs_mean",
                "completion_tokens", "entropy", "kl", "clip_frac"]
 
@@ -191,7 +201,8 @@ def write_report(folder: str | Path) -> Path:
         title = f"mmgrpo run: {root.name}"
         plots = run_plots(steps, devs)
         dev_at = {d["step"]: d["dev"] for d in devs}
-        sections.append("<h2>Steps</h2>" + _table([{**r, "dev": dev_at.get(r["step"])} for r in steps], STEP_KEYS))
+        keys = STEP_KEYS + [k for k in LAG_KEYS if any("policy_lag_mean" in r and k in r for r in steps)]
+        sections.append("<h2>Steps</h2>" + _table([{**r, "dev": dev_at.get(r["step"])} for r in steps], keys))
         mod_rows = [{"step": r["step"], "module": m, **v} for r in steps for m, v in (r.get("modules") or {}).items()]
         if mod_rows:
             sections.append("<h2>Per module</h2>" + _table(mod_rows, MODULE_KEYS))

@@ -116,9 +116,10 @@ class RemotePolicy:
     def at(self, version: int) -> "PolicyAt":
         """Policy ``version`` (the newest loaded version <= it: a step without an update pushes none),
         for lagged rollouts; it stays loaded while it is among the last ``keep`` pushed."""
-        from ..grpo.lag import newest_at_most
-
-        return PolicyAt(self, self.loaded[newest_at_most(self.loaded, version)], version)
+        found = [v for v in self.loaded if v <= version]
+        if not found:
+            raise KeyError(f"policy version {version} is not loaded on the servers (loaded: {sorted(self.loaded)})")
+        return PolicyAt(self, self.loaded[max(found)], version)
 
     def push(self, adapter_dir: str | Path, name: str, version: int, keep: int = 1) -> None:
         """Serve a new policy version: load ``adapter_dir`` (readable by every server) as ``name`` on
