@@ -56,15 +56,18 @@ def _train(args, cwd, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_ctrl_c_stops_in_seconds_and_resume_alone_finishes_the_run(tmp_path, data, tiny_model_dir):
-    # mechanics: a tiny random model, and enough short steps that Ctrl-C lands in the middle of the run
+@pytest.mark.parametrize("lag", [0, 1])
+def test_ctrl_c_stops_in_seconds_and_resume_alone_finishes_the_run(tmp_path, data, tiny_model_dir, lag):
+    # mechanics: a tiny random model, and enough short steps that Ctrl-C lands in the middle of the run;
+    # at lag 1 the next step's rollouts are in flight beside the update
     out = tmp_path / "runs"
     steps = 40
     args = ["--program", "toy:LenientToy", "--metric", "toy:even", "--train", str(data), "--dev", str(data),
             "--set", f"model.name={tiny_model_dir}",
             "--set", f"run.steps={steps}", "--set", "run.eval_examples=1", "--set", "run.eval_every=2",
             "--set", "run.checkpoint_every=1", "--set", "rollout.batch_examples=2", "--set", "rollout.group_size=2",
-            "--set", "rollout.max_tokens=8", "--set", f"run.out={out}", "--set", "run.progress=false"]
+            "--set", "rollout.max_tokens=8", "--set", f"run.out={out}", "--set", "run.progress=false",
+            "--set", f"rollout.max_policy_lag={lag}"]
     proc = _train(args, HERE)
     deadline = time.time() + 600
     metrics = None
