@@ -68,7 +68,7 @@ def test_prefill_chunks_are_bounded_by_tokens_and_decode_the_same(lm):
     lm.prefill_tokens = 0  # chunks bounded by rows only
     before = lm.generate_batch(prompts, g)
     sizes = []
-    hook = lm.model.register_forward_pre_hook(
+    hook = lm.model.get_decoder().register_forward_pre_hook(  # prefill runs the decoder alone
         lambda mod, args, kw: sizes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     bound = lm.prefill_tokens = 2 * len(short[0]) + 4
     try:
@@ -97,7 +97,7 @@ def test_rows_asking_the_same_prompt_are_prefilled_once_and_sample_as_alone():
         lm.share_prompts = share
         lm._prefix_cache.clear()
         sizes = []
-        hook = lm.model.register_forward_pre_hook(
+        hook = lm.model.get_decoder().register_forward_pre_hook(  # prefill runs the decoder alone
             lambda mod, args, kw: sizes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
         try:
             runs[share] = lm.generate_batch(prompts, params)

@@ -14,6 +14,15 @@ from .base import Completion
 from .batcher import CANCELLED, _Request
 
 
+def last_logits(net, **inputs) -> torch.Tensor:
+    """(B, V) logits of each row's last position. Not the model's own ``logits_to_keep=1``: it hands the
+    output head a strided view of the last positions, which torch.matmul multiplies by a batch-expanded
+    copy of the head (8 rows x 576 x 49,152 values copied: 1.9 s in bfloat16 on the 2-core CPU, against
+    21 ms for the same product on a contiguous copy of the 8 rows; the same values)."""
+    hidden = net.get_decoder()(**inputs).last_hidden_state
+    return net.get_output_embeddings()(hidden[:, -1].contiguous())
+
+
 class Decoder:
     """The decoding half of `HFBackend` (its state is set up there); the queue is `Batcher`'s."""
 
@@ -29,7 +38,8 @@ class Decoder:
             return self._prefix_cache[key]
         cache = DynamicCache()
         ids = torch.tensor([prefix], device=self.device)
-        self._net(adapter)(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
+        # the decoder alone: a prefix's keys and values are needed, not its logits
+        self._net(adapter).get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         self._prefix_cache[key] = kv
         while len(self._prefix_cache) > self.prefix_cache_size:
@@ -91,12 +101,11 @@ class Decoder:
             if prefix is not None:
                 for li, (k, v) in enumerate(prefix):
                     chunk.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), li)
-            out = self._net(adapter)(input_ids=ids.to(self.device), attention_mask=cmask.to(self.device),
-                             position_ids=pos.to(self.device), cache=chunk, use_cache=True,
-                             logits_to_keep=1)
+            last = last_logits(self._net(adapter), input_ids=ids.to(self.device), attention_mask=cmask.to(self.device),
+                               position_ids=pos.to(self.device), cache=chunk, use_cache=True).float()
             src = [j for j, u in enumerate(rows) for _ in groups[u]]
             dst = [i for u in rows for i in groups[u]]
-            last = out.logits[:, -1].float()  # stays on the device: sampling runs there
+            # `last` stays on the device: sampling runs there
             for j, i in zip(src, dst):
                 logits[i] = last[j]
             src_idx = torch.tensor(src, device=self.device)
@@ -110,7 +119,7 @@ class Decoder:
                     if P:
                         dst_t[dst_idx, :, :P] = src_t[src_idx, :, :P]
                     dst_t[dst_idx, :, P + S - Sc:P + S] = src_t[src_idx, :, P:]
-            del out, chunk
+            del chunk
         for layer in cache.layers:
             layer.cumulative_length.fill_(P + S)
         return torch.stack(logits), cache, mask, last_pos, P + S
