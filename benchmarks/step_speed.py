@@ -2,10 +2,11 @@
 paths one after the other in one process: "before" (float32 throughout, every row prefilled on its own,
 the "packed" update kernel with each call's rest of prompt packed on its own), "defaults" (the
 configuration's defaults), "bf16-sampler" (rollouts and dev sampled by a bfloat16 copy of the weights,
-the update in float32) and "bf16" (the whole model in bfloat16). See docs/performance.md.
+the update in float32), "bf16-update" (the update's matrix products autocast to bfloat16) and "bf16" (the
+whole model in bfloat16). See docs/performance.md.
 
 Usage: python benchmarks/step_speed.py [--shapes banking77 many-hop papillon]
-       [--paths before defaults bf16-sampler bf16]
+       [--paths before defaults bf16-sampler bf16-update bf16]
        [--eval 30] [--repeats 1]
 Shapes: the README demo's Banking77 step (8 examples x G=8), the compare preset's many-hop step (4 x G=4)
 with the prompts of a many-hop prompt search that kept demos (benchmarks/data/multihop_search_prompts.json),
@@ -36,8 +37,10 @@ SHAPES = {
                  "task": "multihop", "prompts": str(HERE / "data" / "multihop_search_prompts.json")},
     "papillon": {**{k: v for k, v in PRESETS["papillon"].items() if not k.startswith("prompt")}, "task": "papillon"},
 }
-PATHS = {"before": {"dtype": "float32", "sampler_dtype": "float32", "prefix_attention": "packed"}, "defaults": {},
-         "bf16-sampler": {"sampler_dtype": "bfloat16"}, "bf16": {"dtype": "bfloat16"}}
+PATHS = {"before": {"dtype": "float32", "sampler_dtype": "float32", "prefix_attention": "packed",
+                    "update_dtype": "model"}, "defaults": {},
+         "bf16-sampler": {"sampler_dtype": "bfloat16"}, "bf16-update": {"update_dtype": "bfloat16"},
+         "bf16": {"dtype": "bfloat16"}}
 
 
 def one(shape: str, path: str, eval_n: int) -> dict:

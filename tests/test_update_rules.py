@@ -232,3 +232,31 @@ def test_an_evaluation_after_no_update_reuses_the_last_scores(tmp_path):
     job.evaluate(12)
     assert len(job.sampler.seen) > seen
     backend.close()
+
+
+def test_update_dtype_runs_the_matrix_products_in_bf16_and_keeps_logits_and_weights_in_float32():
+    """[model] update_dtype = "bfloat16": the decoder's linear layers compute in bf16 (autocast), the output
+    head in float32 from hidden states cast back, and the trainable LoRA weights stay float32."""
+    seen = {}
+    runs = {}
+    for upd in ("model", "bfloat16"):
+        backend = tiny_backend()
+        trainer = Trainer(backend, TrainConfig(progress=False, update_dtype=upd))
+        inner = backend.model.get_decoder().layers[0].self_attn.q_proj
+        hooks = [inner.register_forward_hook(lambda m, a, out, u=upd: seen.__setitem__((u, "q"), out.dtype)),
+                 backend.model.get_output_embeddings().register_forward_hook(
+                     lambda m, a, out, u=upd: seen.__setitem__((u, "head"), out.dtype))]
+        seqs = [(backend.tokenize_chat([{"role": "user", "content": "Say a word."}]), [42, 43, 44])]
+        logp, _ = trainer.logprobs(seqs, [1.0])
+        for h in hooks:
+            h.remove()
+        runs[upd] = logp.detach()
+        assert logp.dtype == torch.float32 and all(p.dtype == torch.float32 for p in trainer.params)
+        assert not torch.is_autocast_enabled("cpu")  # left as it was
+        backend.close()
+    assert seen[("model", "q")] == torch.float32 and seen[("bfloat16", "q")] == torch.bfloat16
+    assert seen[("bfloat16", "head")] == torch.float32
+    diff = float((runs["model"] - runs["bfloat16"]).abs().max())
+    assert 0 < diff < 0.1, diff  # bf16 rounding of the products, not of the logits
+    with pytest.raises(ValueError, match="update_dtype"):
+        TrainConfig(update_dtype="int8")
