@@ -30,7 +30,7 @@ def train(tmp_path: Path, name: str, world: int, steps: int, model: str, resume:
             f"run.steps={steps}", "run.eval_every=2", "run.eval_examples=2", f"run.out={tmp_path / name}",
             "run.progress=false", "rollout.batch_examples=2", "rollout.group_size=4", "rollout.max_tokens=12",
             "rollout.temperature=0.8", "grpo.learning_rate=2e-3", "run.seed=5", "run.keep_checkpoints=3", "run.checkpoint_every=1",
-            "model.dtype=float32", "model.sampler_dtype=model",  # the samples (and micro-batches) it is sized on
+            "model.dtype=float32", "model.sampler_dtype=model", "model.update_dtype=model",  # exact: float32
             "grpo.prefix_attention=packed", "grpo.pack_tokens=256"]  # several micro-batches, so that both ranks have a share
     cli = ["-m", "mmgrpo.cli", "train", *[a for s in sets for a in ("--set", s)]]
     if resume:

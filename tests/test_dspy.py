@@ -119,7 +119,7 @@ def test_calls_are_token_exact_grouped_by_predictor_and_parse_failures_counted(l
 
 
 def test_dspy_program_trains_and_round_trips_with_a_dspy_optimizer_first(tmp_path):
-    config = {"model": {"dtype": "float32", "sampler_dtype": "model"},  # sampler and learner agree to 1e-5
+    config = {"model": {"dtype": "float32", "sampler_dtype": "model", "update_dtype": "model"},  # agree to 1e-5
               "rollout": {"batch_examples": 2, "group_size": 4, "max_tokens": 32, "temperature": 1.0},
               "prompts": {"max_demos": 2, "train_examples": 2},
               "run": {"steps": 2, "eval_every": 2, "eval_examples": 2, "out": str(tmp_path), "progress": False}}

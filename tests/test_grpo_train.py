@@ -147,7 +147,8 @@ def _rollouts(lm, temperature=0.7, seed=5, task=None):
 
 def test_sampler_and_trainer_agree_at_temperature_and_tis_corrects_a_real_gap():
     lm = HFBackend.load(dtype="float32")
-    cfg = TrainConfig(task="toy", max_tokens=12, temperature=0.7, learning_rate=1e-3, tis_cap=1.0, progress=False)
+    cfg = TrainConfig(task="toy", max_tokens=12, temperature=0.7, learning_rate=1e-3, tis_cap=1.0, progress=False,
+                      update_dtype="model")  # float32 on both sides: they agree to rounding
     trainer = Trainer(lm, cfg)
     grouping = _rollouts(lm)
     members = grouping.members

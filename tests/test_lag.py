@@ -29,7 +29,7 @@ def config(lag: int, steps: int = 5, **kw) -> TrainConfig:
     return TrainConfig(**{"task": "toy", "steps": steps, "batch_examples": 2, "group_size": 4, "max_tokens": 12,
                           "learning_rate": 2e-3, "temperature": 0.8, "eval_every": 2, "eval_examples": 3,
                           "checkpoint_every": 1, "keep_checkpoints": 2, "progress": False, "seed": 5,
-                          "max_policy_lag": lag, **kw})
+                          "max_policy_lag": lag, "update_dtype": "model", **kw})  # float32: only lag differs
 
 
 def run(cfg: TrainConfig, folder: Path, model: str) -> MMGRPO:
@@ -100,7 +100,7 @@ def test_a_trajectory_older_than_the_lag_is_not_trained_on_and_is_counted():
 
 def test_importance_weights_reach_the_lagged_calls_only():
     backend = tiny_backend()
-    trainer = Trainer(backend, TrainConfig(progress=False, learning_rate=1e-3))  # float32, in-process: no TIS
+    trainer = Trainer(backend, TrainConfig(progress=False, learning_rate=1e-3, update_dtype="model"))  # no TIS
     prompt = backend.tokenize_chat([{"role": "user", "content": "Say a word."}])
     replies = ["Yes.", "No.", "Maybe so.", "Never."]
     made = []

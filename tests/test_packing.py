@@ -100,7 +100,7 @@ def test_pack_mask_positions_and_predictors():
 def trainers(request):
     lm = HFBackend.load(dtype="float32")  # exactness at 1e-5: bf16 rounds to 3 digits
     lm.model.set_attn_implementation(request.param)  # eager adds the mask to the scores: must be 0/-inf
-    packed = Trainer(lm, TrainConfig(shared_prefix=True, pack_tokens=256, seed=5))
+    packed = Trainer(lm, TrainConfig(shared_prefix=True, pack_tokens=256, seed=5, update_dtype="model"))
     torch.manual_seed(0)
     with torch.no_grad():  # a non-zero adapter, so gradients reach both LoRA matrices
         for p in packed.params:

@@ -298,7 +298,7 @@ def start_server(port: int, model: str = "smollm2-135m") -> subprocess.Popen:
 def toy_config(**kw) -> TrainConfig:
     return TrainConfig(task="toy", steps=3, batch_examples=2, group_size=4, max_tokens=12, learning_rate=2e-3,
                        temperature=0.8, eval_every=1, eval_examples=3, checkpoint_every=1, keep_checkpoints=3,
-                       progress=False, seed=5, **kw)
+                       progress=False, seed=5, update_dtype="model", **kw)  # a float32 learner, as the server
 
 
 def run_toy(cfg: TrainConfig, folder: Path, reward=None, model: str = "smollm2-135m"):
@@ -406,7 +406,7 @@ def test_lagged_training_through_mmgrpo_serve_matches_in_process_keeps_its_versi
         return TrainConfig(**{"task": "toy", "steps": steps, "batch_examples": 2, "group_size": 4, "max_tokens": 12,
                               "learning_rate": 2e-3, "temperature": 0.8, "eval_every": 2, "eval_examples": 3,
                               "checkpoint_every": 1, "keep_checkpoints": 2, "progress": False, "seed": 5,
-                              "max_policy_lag": 1, "tis_cap": 2.0, **kw})
+                              "max_policy_lag": 1, "tis_cap": 2.0, "update_dtype": "model", **kw})
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"

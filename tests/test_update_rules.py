@@ -103,21 +103,21 @@ def test_importance_sampling_is_on_by_default_exactly_where_the_sampler_differs(
     # a run saved before these keys resumes as it ran
     old = with_defaults({"model": "smollm2-135m"})
     assert old["tis_cap"] is None and old["loss_denominator"] == "informative" and old["eval_max_tokens"] == 256
-    assert old["sampler_dtype"] == "model"
+    assert old["sampler_dtype"] == "model" and old["update_dtype"] == "model"
 
 
-def test_tis_turns_on_where_a_sampler_copy_in_another_dtype_samples():
+def test_tis_turns_on_where_a_sampler_copy_in_another_dtype_samples_or_the_update_autocasts():
     from mmgrpo.lm.hf import HFBackend
 
     tiny = tiny_backend()
     tiny.close()
-    for sampler, on in ((None, False), ("bfloat16", True)):
+    for sampler, autocast, on in ((None, "model", False), ("bfloat16", "model", True), (None, "bfloat16", True)):
         backend = HFBackend(tiny.model, tiny.tokenizer, sampler_dtype=sampler)
-        trainer = Trainer(backend, TrainConfig(progress=False, learning_rate=1e-3))
+        trainer = Trainer(backend, TrainConfig(progress=False, learning_rate=1e-3, update_dtype=autocast))
         g = Grouping(groups=[Group("e0", "m", 0, [Member(c, float(k), k, advantage=1.0 - 2 * k)
                                                    for k, c in enumerate(calls(backend, ["Yes.", "No."]))])])
         upd = trainer.update(g)
-        assert backend.samples_apart == on and ("tis_weight_mean" in upd) == on
+        assert backend.samples_apart == (sampler is not None) and ("tis_weight_mean" in upd) == on
         backend.close()
         tiny.model = trainer.model.unload()  # the plain model again for the next backend
 

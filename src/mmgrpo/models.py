@@ -109,7 +109,7 @@ def resolve(name: str) -> str:
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAMPLER_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
-UPDATE_DTYPES = ("model", "bfloat16", "float16", "auto")
+UPDATE_DTYPES = ("auto", "model", "bfloat16", "float16")
 
 
 def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
@@ -156,7 +156,7 @@ def pick_sampler_dtype(model, sampler_dtype: str = "auto") -> str | None:
     return None if sampler_dtype in ("model", own) else sampler_dtype
 
 
-def pick_update_dtype(model, update_dtype: str = "model"):
+def pick_update_dtype(model, update_dtype: str = "auto"):
     """The torch dtype the update's matrix products are autocast to, or None (no autocast: they run in
     the model's dtype). ``auto``: bfloat16 for a float32 model on a CPU with native bf16."""
     import torch

@@ -112,8 +112,9 @@ class Trainer(LogprobKernels, Checkpoints):
             if not members:
                 return {"updated": False, "truncated_masked": masked}
         tis_cap = cfg.tis
-        if tis_cap is None and cfg.tis_cap == "auto" and getattr(self.backend, "samples_apart", False):
-            tis_cap = TIS_CAP  # a sampler copy in another dtype drew the tokens
+        if tis_cap is None and cfg.tis_cap == "auto" and (getattr(self.backend, "samples_apart", False)
+                                                          or self.autocast is not None):
+            tis_cap = TIS_CAP  # a sampler copy in another dtype drew the tokens, or the learner autocasts
         # which calls get importance weights: all (tis_cap in force) or the lagged ones (None: none)
         lagged = [version is not None and m.call.policy_version < version for m in members]
         weigh = [True] * len(members) if tis_cap is not None else lagged if any(lagged) else None
