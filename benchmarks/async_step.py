@@ -15,42 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 from common import machine
+from remote_rollouts import start_server
 
 from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.run import build, fit
-
-
-def start_server(core: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mmgrpo.cli", "serve", "--port", str(port), "--device", "cpu", "--dtype", "float32",
-           "--adapter-root", tempfile.gettempdir()]
-    proc = subprocess.Popen(["taskset", "-c", str(core), *cmd], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit("mmgrpo serve exited while starting")
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("mmgrpo serve did not start in 300 s")
 
 
 def one(args, lag: int, servers: list[str]) -> dict:

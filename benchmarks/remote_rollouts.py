@@ -30,21 +30,29 @@ from mmgrpo.rollout import sample
 from mmgrpo.tasks import get_task
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
+def start_server(core: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`mmgrpo serve` (the embedded model in float32) on a free port, pinned to ``core`` with one thread
+    when given; returns it once it answers, and its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mmgrpo.cli", "serve", "--port", str(port), "--device", "cpu",
-                             "--dtype", "float32", "--adapter-root", tempfile.gettempdir()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "mmgrpo.cli", "serve", "--port", str(port), "--device", "cpu", "--dtype", "float32",
+           "--adapter-root", tempfile.gettempdir()]
+    env = dict(os.environ)
+    if core is not None:
+        cmd, env["OMP_NUM_THREADS"] = ["taskset", "-c", str(core), *cmd], "1"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(360):
+    for _ in range(600):
         try:
             urllib.request.urlopen(url + "/models", timeout=2)
             return proc, url
         except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("mmgrpo serve exited while starting")
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("mmgrpo serve did not start")
+    raise RuntimeError("mmgrpo serve did not start in 300 s")
 
 
 def main():

@@ -13,14 +13,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import tiny_backend  # noqa: E402
-from toy import lenient_toy_task  # noqa: E402
+from toy import adapter, run_toy  # noqa: E402
 
 from mmgrpo.config import TrainConfig  # noqa: E402
 from mmgrpo.grpo.groups import Group, Grouping, Member  # noqa: E402
 from mmgrpo.grpo.lag import drop_stale, version_for  # noqa: E402
-from mmgrpo.grpo.run import MMGRPO, fit  # noqa: E402
 from mmgrpo.grpo.trainer import Trainer  # noqa: E402
-from mmgrpo.lm.hf import HFBackend  # noqa: E402
 from mmgrpo.runlog import RunDir  # noqa: E402
 from mmgrpo.trace import ModuleCall, Trajectory  # noqa: E402
 
@@ -30,22 +28,6 @@ def config(lag: int, steps: int = 5, **kw) -> TrainConfig:
                           "learning_rate": 2e-3, "temperature": 0.8, "eval_every": 2, "eval_examples": 3,
                           "checkpoint_every": 1, "keep_checkpoints": 2, "progress": False, "seed": 5,
                           "max_policy_lag": lag, "update_dtype": "model", **kw})  # float32: only lag differs
-
-
-def run(cfg: TrainConfig, folder: Path, model: str) -> MMGRPO:
-    task = lenient_toy_task()
-    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(model), RunDir(folder))
-    try:
-        fit(job)
-    finally:
-        job.backend.close()
-    return job
-
-
-def adapter(folder: Path, step: int) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors"))
 
 
 def test_the_schedule_is_a_function_of_the_step():
@@ -58,8 +40,8 @@ def test_the_schedule_is_a_function_of_the_step():
 def test_lagged_steps_sample_their_scheduled_version_and_a_resumed_run_is_the_same_run(tmp_path, tiny_model_dir, lag):
     steps = 5
     base = RunDir(tmp_path / "lag0")
-    run(config(0, steps=2, eval_every=1000), base.path, tiny_model_dir)
-    run(config(lag, steps=steps), tmp_path / "straight", tiny_model_dir)
+    run_toy(config(0, steps=2, eval_every=1000), base.path, model=tiny_model_dir)
+    run_toy(config(lag, steps=steps), tmp_path / "straight", model=tiny_model_dir)
     log = RunDir(tmp_path / "straight").read_log()
     assert [r["step"] for r in log] == list(range(1, steps + 1))
     assert [r["policy_versions"] for r in log] == [[version_for(t, lag)] for t in range(1, steps + 1)]
@@ -76,8 +58,8 @@ def test_lagged_steps_sample_their_scheduled_version_and_a_resumed_run_is_the_sa
     assert dev == [0, 2, 4, 5]
 
     # stopped after step 2 (its rollouts of later steps were in flight), resumed in a new job
-    run(config(lag, steps=2), tmp_path / "resumed", tiny_model_dir)
-    run(config(lag, steps=steps), tmp_path / "resumed", tiny_model_dir)
+    run_toy(config(lag, steps=2), tmp_path / "resumed", model=tiny_model_dir)
+    run_toy(config(lag, steps=steps), tmp_path / "resumed", model=tiny_model_dir)
     a, b = adapter(tmp_path / "straight", steps), adapter(tmp_path / "resumed", steps)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "the resumed run differs"
     resumed = RunDir(tmp_path / "resumed").read_log()
@@ -141,7 +123,7 @@ def test_lag_needs_importance_weights():
 def test_the_report_shows_the_lag_of_a_lagged_run(tmp_path, tiny_model_dir):
     from mmgrpo.report import write_report
 
-    run(config(1, steps=3, eval_every=1000), tmp_path / "run", tiny_model_dir)
+    run_toy(config(1, steps=3, eval_every=1000), tmp_path / "run", model=tiny_model_dir)
     page = write_report(tmp_path / "run").read_text()
     assert (tmp_path / "run" / "report" / "lag.png").read_bytes()[:4] == b"\x89PNG"
     head = page.split("<h2>Steps</h2>")[1].split("</thead>")[0]

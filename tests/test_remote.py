@@ -20,11 +20,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from toy import even, lenient_toy_task, toy_task  # noqa: E402
+from toy import adapter, even, run_toy  # noqa: E402
 
 from mmgrpo import serve  # noqa: E402
 from mmgrpo.config import TrainConfig  # noqa: E402
-from mmgrpo.grpo.run import MMGRPO, TrainingStopped, fit  # noqa: E402
+from mmgrpo.grpo.run import TrainingStopped  # noqa: E402
 from mmgrpo.lm.base import SamplingParams  # noqa: E402
 from mmgrpo.lm.hf import HFBackend  # noqa: E402
 from mmgrpo.lm.openai import LMServerError, LMUnavailable  # noqa: E402
@@ -299,26 +299,6 @@ def toy_config(**kw) -> TrainConfig:
     return TrainConfig(task="toy", steps=3, batch_examples=2, group_size=4, max_tokens=12, learning_rate=2e-3,
                        temperature=0.8, eval_every=1, eval_examples=3, checkpoint_every=1, keep_checkpoints=3,
                        progress=False, seed=5, update_dtype="model", **kw)  # a float32 learner, as the server
-
-
-def run_toy(cfg: TrainConfig, folder: Path, reward=None, model: str = "smollm2-135m"):
-    """A toy run on ``model``: the embedded model runs the toy program; another (a tiny random model)
-    the lenient toy, whose replies all parse."""
-    task = toy_task() if model == "smollm2-135m" else lenient_toy_task()
-    if reward:
-        task.reward = reward
-    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(model), RunDir(folder))
-    try:
-        fit(job)
-    finally:
-        job.backend.close()
-    return job
-
-
-def adapter(folder: Path, step: int) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors"))
 
 
 def test_training_through_mmgrpo_serve_matches_in_process_and_survives_an_outage(tmp_path, tiny_model_dir):

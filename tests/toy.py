@@ -57,3 +57,30 @@ def even(ex, pred) -> float:
 def lenient_toy_task() -> Task:
     exs = _examples()
     return Task("toy", LenientToy, even, even, train=exs[:4], dev=exs, test=exs)
+
+
+def run_toy(cfg, folder, reward=None, model: str = "smollm2-135m"):
+    """A toy run (to cfg.steps, resuming what ``folder`` holds) on ``model``: the embedded model runs the
+    toy program; another (a tiny random model) the lenient toy, whose replies all parse."""
+    from mmgrpo.grpo.run import MMGRPO, fit
+    from mmgrpo.lm.hf import HFBackend
+    from mmgrpo.runlog import RunDir
+
+    task = toy_task() if model == "smollm2-135m" else lenient_toy_task()
+    if reward:
+        task.reward = reward
+    job = MMGRPO(cfg, task, task.make_program(), HFBackend.load(model), RunDir(folder))
+    try:
+        fit(job)
+    finally:
+        job.backend.close()
+    return job
+
+
+def adapter(folder, step: int) -> dict:
+    """The adapter tensors of a run's checkpoint at ``step``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors"))
