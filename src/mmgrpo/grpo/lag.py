@@ -11,6 +11,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ..lm.base import newest_at_most
+
 
 def version_for(step: int, lag: int) -> int:
     """The policy version that samples step ``step`` (1-based) at lag ``lag``."""
@@ -36,14 +38,6 @@ def drop_stale(by_example: dict[str, list], step: int, max_lag: int) -> tuple[di
 def oldest_needed(step: int, lag: int) -> int:
     """The oldest version the steps after ``step`` will sample with."""
     return version_for(step + 1, lag)
-
-
-def newest_at_most(versions, v: int) -> int:
-    """The newest kept version <= v (a step without an update made no new version)."""
-    found = [u for u in versions if u <= v]
-    if not found:
-        raise KeyError(f"policy version {v} is not kept (kept: {sorted(versions)})")
-    return max(found)
 
 
 class LaggedRollouts:
@@ -101,8 +95,8 @@ class LaggedRollouts:
         return self.job.rollouts(step, self.policy(version_for(step, self.lag)))
 
     def drain(self) -> None:
-        """Wait for the rollouts in flight (an evaluation uses the sampler copy, a checkpoint the
-        versions): they stay kept for their steps."""
+        """Wait for the rollouts in flight (an in-process evaluation re-syncs the sampler copy they
+        sample from); their results stay kept for their steps."""
         for f in list(self.pending.values()):
             f.exception()
 

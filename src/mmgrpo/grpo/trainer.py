@@ -118,7 +118,7 @@ class Trainer(LogprobKernels, Checkpoints):
         # which calls get importance weights: all (tis_cap in force) or the lagged ones (None: none)
         lagged = [version is not None and m.call.policy_version < version for m in members]
         weigh = [True] * len(members) if tis_cap is not None else lagged if any(lagged) else None
-        cap = tis_cap if tis_cap is not None else (cfg.tis or TIS_CAP)
+        cap = tis_cap or TIS_CAP  # tis_cap None: the cap of the lagged calls alone
         all_seqs = [(update_prompt(m.call, self.backend.tokenize_chat, cfg.train_with_demos), m.call.completion_ids)
                     for m in members]
         temps = [m.call.temperature for m in members]

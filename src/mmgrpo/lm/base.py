@@ -21,6 +21,14 @@ BASE = "<base>"  # a request's variant (HFBackend): the base model, every adapte
 PINNED = "<pinned>"  # a request's variant (HFBackend): the trained weights of an earlier version (see `pin`)
 
 
+def newest_at_most(versions, v: int) -> int:
+    """The newest of the kept policy ``versions`` that is <= v (a step without an update makes no new one)."""
+    found = [u for u in versions if u <= v]
+    if not found:
+        raise KeyError(f"policy version {v} is not kept (kept: {sorted(versions)})")
+    return max(found)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy

@@ -189,8 +189,8 @@ class HFBackend(Batcher, Decoder):
 
     @torch.no_grad()
     def policy_snapshot(self) -> dict[str, torch.Tensor]:
-        """The live adapter's LoRA factors, copied: ``{module: A}``, ``{module + "@B": B}`` (small; what
-        `pin` merges and a checkpoint keeps for a lagged policy version)."""
+        """The live adapter's LoRA factors, copied, keyed ``"<module>@A@<adapter>"`` and ``"<module>@B@<adapter>"``
+        (small; what `pin` merges and a checkpoint keeps for a lagged policy version)."""
         from peft.tuners.lora import LoraLayer
 
         out = {}
@@ -208,19 +208,11 @@ class HFBackend(Batcher, Decoder):
         samples it. The copy holds it, whatever the trainer does to the live weights meanwhile, until
         the next pin or a request of the live trained variant (which re-syncs the copy). Call it when
         no PINNED request is in flight."""
-        from peft.tuners.lora import LoraLayer
-
         if self._sampler is None or self.peft is None or self._plain:
             raise RuntimeError("pinned policy versions need a trained adapter and a sampler copy of the weights "
-                               "(HFBackend(..., sampler_copy=True))")
-        copies = dict(self._sampler.named_modules())
-        for name, mod in self.model.named_modules():
-            if isinstance(mod, LoraLayer):
-                w = mod.get_base_layer().weight
-                for a in self._lora_names(mod):
-                    A, B = snapshot[f"{name}@A@{a}"], snapshot[f"{name}@B@{a}"]
-                    w = w + (B @ A) * mod.scaling[a]
-                copies[name].weight.copy_(w)
+                               "(`add_sampler_copy()` before the adapter is injected)")
+        self._merge_into_sampler(lambda name, mod, a: (snapshot[f"{name}@B@{a}"] @ snapshot[f"{name}@A@{a}"])
+                                 * mod.scaling[a])
         self._sampler_version = -1  # no longer the live weights
         self.pinned_version = version
         self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] != PINNED}
@@ -258,18 +250,23 @@ class HFBackend(Batcher, Decoder):
 
     @torch.no_grad()
     def _sync_sampler(self) -> None:
+        self._merge_into_sampler(lambda name, mod, a: mod.get_delta_weight(a))
+        self._sampler_version = self.version
+        self.pinned_version = None  # the copy now holds the live weights
+
+    @torch.no_grad()
+    def _merge_into_sampler(self, delta) -> None:
+        """Each adapted layer of the sampler copy := its base weight + ``delta(name, module, adapter)``
+        summed over the active adapters (the live ones, or a kept version's: `pin`)."""
         from peft.tuners.lora import LoraLayer
 
         copies = dict(self._sampler.named_modules())
         for name, mod in self.model.named_modules():
             if isinstance(mod, LoraLayer):
                 w = mod.get_base_layer().weight
-                for a in mod.active_adapters if not mod.disable_adapters else ():
-                    if a in mod.lora_A:
-                        w = w + mod.get_delta_weight(a)
+                for a in self._lora_names(mod):
+                    w = w + delta(name, mod, a)
                 copies[name].weight.copy_(w)
-        self._sampler_version = self.version
-        self.pinned_version = None  # the copy now holds the live weights
 
 
 class PinnedView:

@@ -17,7 +17,7 @@ import threading
 import zlib
 from pathlib import Path
 
-from .base import Completion, SamplingParams, chat_prompt_ids
+from .base import Completion, SamplingParams, chat_prompt_ids, newest_at_most
 from .openai import HTTPJSON, LMServerError
 
 TOKEN_ID_PREFIX = "token_id:"
@@ -116,10 +116,7 @@ class RemotePolicy:
     def at(self, version: int) -> "PolicyAt":
         """Policy ``version`` (the newest loaded version <= it: a step without an update pushes none),
         for lagged rollouts; it stays loaded while it is among the last ``keep`` pushed."""
-        found = [v for v in self.loaded if v <= version]
-        if not found:
-            raise KeyError(f"policy version {version} is not loaded on the servers (loaded: {sorted(self.loaded)})")
-        return PolicyAt(self, self.loaded[max(found)], version)
+        return PolicyAt(self, self.loaded[newest_at_most(self.loaded, version)], version)
 
     def push(self, adapter_dir: str | Path, name: str, version: int, keep: int = 1) -> None:
         """Serve a new policy version: load ``adapter_dir`` (readable by every server) as ``name`` on
