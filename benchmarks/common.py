@@ -21,12 +21,13 @@ def machine() -> str:
             f"threads {torch.get_num_threads()}")
 
 
-def banking77_groups(examples: int, group_size: int, n_labels: int = 10, max_tokens: int = 16):
-    """Roll out the demo program and group the calls. Returns (trainer, grouping, timings)."""
+def banking77_groups(examples: int, group_size: int, n_labels: int = 10, max_tokens: int = 16, **cfg):
+    """Roll out the demo program and group the calls (``cfg``: more TrainConfig fields of the
+    trainer). Returns (trainer, grouping, timings)."""
     lm = HFBackend.load()
     task = get_task("banking77", n_labels=n_labels, n_demos=5, reasoning=False)
     program = task.make_program()
-    trainer = Trainer(lm, TrainConfig(max_tokens=max_tokens, group_size=group_size))
+    trainer = Trainer(lm, TrainConfig(max_tokens=max_tokens, group_size=group_size, **cfg))
     t0 = time.perf_counter()
     roll = sample(program, task.train[:examples], task.reward, lm, n_samples=group_size,
                   params=SamplingParams(temperature=1.0, max_tokens=max_tokens), concurrency=32, progress=False)
@@ -51,11 +52,11 @@ def group_all(roll):
     return grouping
 
 
-def mm_peak_gflops(sizes=(2048, 4096), repeats: int = 3) -> float:
-    """Best fp32 torch.mm rate over square sizes (the machine's practical matmul limit)."""
+def mm_peak_gflops(sizes=(2048, 4096), repeats: int = 3, dtype=torch.float32) -> float:
+    """Best torch.mm rate in ``dtype`` over square sizes (the machine's practical matmul limit)."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 """Model FLOPs of one mmGRPO update (forward + backward, LoRA) per second, against the
-machine's fp32 matmul peak measured in the same run.
+machine's matmul peak in the dtype the update's matrix products run in (`update_dtype`: float32, or
+bfloat16 where "auto" autocasts them), measured in the same run.
 
 Usage: python benchmarks/update_mfu.py [--examples 8] [--group-size 8] [--repeats 2]
+       [--update-dtype auto|model|bfloat16]
 Both shared-prefix kernels (prefix_attention "packed" and "cache") run on the same batch, alternating;
 the useful FLOPs are the same for both, so their fractions of the peak compare their speed.
 FLOPs counted: linear layers 2*params*tokens forward and the same again backward (input
@@ -15,6 +17,8 @@ import statistics
 import time
 
 from common import banking77_groups, machine, mm_peak_gflops
+
+import torch
 
 from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.packing import pack
@@ -43,14 +47,15 @@ def main():
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--pack-tokens", type=int, default=None, help="override the config's pack_tokens")
+    ap.add_argument("--update-dtype", default="auto", choices=["auto", "model", "bfloat16"])
     args = ap.parse_args()
     print(machine())
-    trainer, grouping, _ = banking77_groups(args.examples, args.group_size)
-    if args.pack_tokens:
-        trainer.cfg = TrainConfig(**{**trainer.cfg.to_dict(), "pack_tokens": args.pack_tokens})
+    over = {"update_dtype": args.update_dtype, **({"pack_tokens": args.pack_tokens} if args.pack_tokens else {})}
+    trainer, grouping, _ = banking77_groups(args.examples, args.group_size, **over)
+    mm_dtype = trainer.autocast or torch.float32
     seqs = [(m.call.prompt_ids, m.call.completion_ids) for m in grouping.members]
     flops, tokens = update_flops(trainer.backend.model.config, trainer.cfg.lora_r, seqs, trainer.plan(seqs))
-    peak_before = mm_peak_gflops()
+    peak_before = mm_peak_gflops(dtype=mm_dtype)
     times = {"packed": [], "cache": []}
     base = trainer.cfg.to_dict()
     for _ in range(args.repeats):
@@ -59,9 +64,9 @@ def main():
             t0 = time.perf_counter()
             trainer.update(grouping)
             times[mode].append(time.perf_counter() - t0)
-    peak = max(peak_before, mm_peak_gflops())
+    peak = max(peak_before, mm_peak_gflops(dtype=mm_dtype))
     print(f"update: {len(seqs)} sequences, {tokens} tokens with each prompt once, {flops / 1e12:.2f} TFLOP of "
-          f"useful work; fp32 torch.mm peak {peak:.0f} GFLOP/s (measured before and after)")
+          f"useful work; {str(mm_dtype)[6:]} torch.mm peak {peak:.0f} GFLOP/s (measured before and after)")
     frac = {}
     for mode, ts in times.items():
         secs = statistics.median(ts)
@@ -70,7 +75,7 @@ def main():
               f"fraction of peak {frac[mode]:.2f}")
     best = max(frac, key=frac.get)
     print(f"cache / packed update time: {frac['packed'] / frac['cache']:.2f}x")
-    print(f"ratio={frac[best]:.3f} (fraction of the fp32 matmul peak, prefix_attention = {best})")
+    print(f"ratio={frac[best]:.3f} (fraction of the {str(mm_dtype)[6:]} matmul peak, prefix_attention = {best})")
 
 if __name__ == "__main__":
     main()
