@@ -2,7 +2,7 @@
 committed as it goes with --commit-every, the latest checkpoint at the end of each call), each call
 continues it, and --minutes ends a call cleanly (Ctrl-C: the last checkpoint is kept). The summary,
 studies/results/long_<name>.json, holds the training reward by step with its least-squares slope and 95%
-CI, and dev by step; once the run is finished, the adapter dev chose and the untouched program are scored
+CI, and dev by step (plotted in docs/img/long_<name>_reward.png and _dev.png); once the run is finished, the adapter dev chose and the untouched program are scored
 once on the full test split (studies/long_runs/evals/), with their paired difference.
 
 Usage: python studies/long_run.py banking77 [--steps 100] [--minutes 40] [--set SECTION.KEY=VALUE ...]
@@ -89,6 +89,12 @@ def summarize(name: str, run: Path) -> dict:
                        "untouched": {k: untouched[k] for k in ("mean", "ci95", "n")},
                        "trained_minus_untouched": paired(trained, untouched)}
     (HERE / "results" / f"long_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    if metrics:
+        from mmgrpo.report import run_plots
+
+        for key, (_, png) in run_plots(metrics, dev).items():
+            if key in ("reward", "dev"):  # the pages' plots: docs/img/long_NAME_reward.png, _dev.png
+                (ROOT / "docs" / "img" / f"long_{name}_{key}.png").write_bytes(png)
     return out
 
 
@@ -102,8 +108,8 @@ def commit(name: str, checkpoint: bool) -> None:
     paths = [p for p in run.iterdir() if p.name not in ("checkpoints", "best_adapter")]
     if checkpoint and latest.exists():
         paths += [latest, run / "checkpoints" / latest.read_text().strip()]
-    summary = HERE / "results" / f"long_{name}.json"
-    paths += [summary] if summary.exists() else []
+    extra = [HERE / "results" / f"long_{name}.json", *(ROOT / "docs" / "img" / f"long_{name}_{k}.png" for k in ("reward", "dev"))]
+    paths += [p for p in extra if p.exists()]
     git = ["git", "-C", str(ROOT)]
     metrics = run / "metrics.jsonl"
     step = len(metrics.read_text().splitlines()) if metrics.exists() else 0
