@@ -14,7 +14,8 @@ Usage: python benchmarks/update_demos.py [--examples 2] [--group-size 8] [--repe
        [--budgets 2048 4096] [--profile N]
        [--prompts benchmarks/data/multihop_search_prompts.json]
 The default prompts are a many-hop `mipro` search's result (seed 0 of the compare preset: 21
-`notes` and 14 `query` demos in the pool, its chosen demo sets in the prompts).
+`notes` and 14 `query` demos in the pool, its chosen demo sets in the prompts); `--prompts none`: the
+untouched program (its instructions alone).
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def main():
     lm = HFBackend.load()
     task = get_task("multihop", first_k=1)
     program = task.make_program()
-    program.load_prompt_state(json.loads(Path(args.prompts).read_text()))
+    if args.prompts != "none":
+        program.load_prompt_state(json.loads(Path(args.prompts).read_text()))
     trainer = Trainer(lm, TrainConfig(group_size=args.group_size, max_tokens=48))
     t0 = time.perf_counter()
     roll = sample(program, task.train[:args.examples], task.reward, lm, n_samples=args.group_size,
