@@ -9,6 +9,7 @@ studies/results/<task>_settings[_<tag>].json. Finished variants are skipped when
 
 Usage: python studies/composition_settings.py --task banking77 [--variants base no_demos dapo]
        [--strategy weights] [--set SECTION.KEY=VALUE ...] [--out runs/study-settings] [--tag NAME]
+A setting long enough to show a slope: --set run.steps=30 (the summary has each run's reward slope).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+from long_run import slope
+
 from mmgrpo.compare import PRESETS
 from mmgrpo.config import load_config
 
@@ -28,6 +31,15 @@ VARIANTS = {  # name -> overrides of the preset (config attribute names)
     "dapo": {"loss_type": "dapo"},
     "lr3e-4": {"learning_rate": 3e-4},
     "lr3e-5": {"learning_rate": 3e-5},
+    "lr1e-5": {"learning_rate": 1e-5},  # the paper's
+    "lr1e-4": {"learning_rate": 1e-4},
+    "dr_grpo": {"loss_type": "dr_grpo"},
+    "gspo": {"loss_type": "gspo"},
+    "cispo": {"loss_type": "cispo"},
+    "trajectory_cispo": {"group_level": "trajectory", "loss_type": "cispo"},  # the paper's best HoVer setting
+    "g12": {"group_size": 12},  # the paper's group size
+    "tokens128": {"max_tokens": 128},  # replies cut less often (PAPILLON's modules ask for up to 128)
+    "mask_truncated": {"mask_truncated": True},  # replies cut at the budget left out of the update
     "trajectory": {"group_level": "trajectory"},  # the paper's ablation: one group per example
     "t1.0": {"temperature": 1.0},
     "g16": {"group_size": 16, "batch_examples": 4},  # same trajectories per step, bigger groups
@@ -46,6 +58,7 @@ def summarize(folder: Path) -> dict:
     return {"dev_by_step": {d["step"]: d["dev"] for d in devs}, "dev_ci95_last": devs[-1]["dev_ci95"],
             "dev_n": devs[-1]["dev_n"], "best_dev": max(d["dev"] for d in devs), "final_dev": devs[-1]["dev"],
             "reward_by_step": [round(s["reward_mean"], 4) for s in steps],
+            "reward_slope": slope([s["reward_mean"] for s in steps]),  # with its 95% CI
             "entropy_by_step": [round(s["entropy"], 3) for s in steps],
             "groups_used_by_step": [s["groups_used"] for s in steps],
             "parse_failures_by_step": [s["n_parse_failure"] for s in steps],
