@@ -16,9 +16,8 @@ import argparse
 import statistics
 import time
 
-from common import banking77_groups, machine, mm_peak_gflops
-
 import torch
+from common import banking77_groups, machine, mm_peak_gflops
 
 from mmgrpo.config import TrainConfig
 from mmgrpo.grpo.packing import pack
