@@ -16,7 +16,6 @@ import argparse
 import statistics
 import time
 
-import torch
 from common import banking77_groups, machine, mm_peak_gflops
 
 from mmgrpo.config import TrainConfig
@@ -51,7 +50,7 @@ def main():
     print(machine())
     over = {"update_dtype": args.update_dtype, **({"pack_tokens": args.pack_tokens} if args.pack_tokens else {})}
     trainer, grouping, _ = banking77_groups(args.examples, args.group_size, **over)
-    mm_dtype = trainer.autocast or torch.float32
+    mm_dtype = trainer.autocast or next(trainer.model.parameters()).dtype  # what its products compute in
     seqs = [(m.call.prompt_ids, m.call.completion_ids) for m in grouping.members]
     flops, tokens = update_flops(trainer.backend.model.config, trainer.cfg.lora_r, seqs, trainer.plan(seqs))
     peak_before = mm_peak_gflops(dtype=mm_dtype)

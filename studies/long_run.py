@@ -2,8 +2,9 @@
 committed as it goes with --commit-every, the latest checkpoint at the end of each call), each call
 continues it, and --minutes ends a call cleanly (Ctrl-C: the last checkpoint is kept). The summary,
 studies/results/long_<name>.json, holds the training reward by step with its least-squares slope and 95%
-CI, and dev by step (plotted in docs/img/long_<name>_reward.png and _dev.png); once the run is finished, the adapter dev chose and the untouched program are scored
-once on the full test split (studies/long_runs/evals/), with their paired difference.
+CI, and dev by step (plotted in docs/img/long_<name>_reward.png and _dev.png); once the run is finished,
+the adapter dev chose and the untouched program are scored once on the full test split
+(studies/long_runs/evals/), with their paired difference.
 
 Usage: python studies/long_run.py banking77 [--steps 100] [--minutes 40] [--set SECTION.KEY=VALUE ...]
 Runs: banking77 (the README demo's program and settings, 100 dev examples every 10 steps), multihop and
@@ -108,7 +109,8 @@ def commit(name: str, checkpoint: bool) -> None:
     paths = [p for p in run.iterdir() if p.name not in ("checkpoints", "best_adapter")]
     if checkpoint and latest.exists():
         paths += [latest, run / "checkpoints" / latest.read_text().strip()]
-    extra = [HERE / "results" / f"long_{name}.json", *(ROOT / "docs" / "img" / f"long_{name}_{k}.png" for k in ("reward", "dev"))]
+    extra = [HERE / "results" / f"long_{name}.json",
+             *(ROOT / "docs" / "img" / f"long_{name}_{k}.png" for k in ("reward", "dev"))]
     paths += [p for p in extra if p.exists()]
     git = ["git", "-C", str(ROOT)]
     metrics = run / "metrics.jsonl"

@@ -1,6 +1,6 @@
 """How often a task's replies are cut at the step's token budget, and what that does to the reward:
-step 1's rollouts of a long run's configuration (studies/configs/long_<task>.toml) at each budget, from
-the untouched program, with the same seed. Rollouts only: nothing is trained.
+the rollouts of steps 1..N of a long run's configuration (studies/configs/long_<task>.toml) at each
+budget, from the untouched program, with the same seeds. Rollouts only: nothing is trained.
 
 Usage: python studies/reply_budget.py papillon [--budgets 64 128] [--steps 1]
 Prints, per budget, the share of LM calls cut (by module), the mean reward and the seconds of rollouts;
@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 
 from mmgrpo.config import load_config
+from mmgrpo.grpo.groups import Grouping
 from mmgrpo.grpo.run import build
+from mmgrpo.grpo.stats import module_stats
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,18 +30,18 @@ def main():
     out = {}
     for budget in args.budgets:
         cfg = load_config(HERE / "configs" / f"long_{args.task}.toml", [f"rollout.max_tokens={budget}"])
-        cut, calls, rewards, secs = {}, {}, [], 0.0
+        trajectories, secs = [], 0.0
         with tempfile.TemporaryDirectory() as tmp:
             job = build(cfg, path=Path(tmp) / "run")
             for step in range(1, args.steps + 1):
                 roll = job.rollouts(step, job.sampler)
                 secs += roll.seconds
-                for t in roll.trajectories:
-                    rewards.append(t.reward)
-                    for c in t.calls:
-                        calls[c.module] = calls.get(c.module, 0) + 1
-                        cut[c.module] = cut.get(c.module, 0) + (c.finish_reason == "length")
+                trajectories += roll.trajectories
             job.backend.close()
+        stats = module_stats(trajectories, Grouping())  # per module: calls, and calls cut at the budget
+        calls = {m: v["calls"] for m, v in stats.items()}
+        cut = {m: v["truncated"] for m, v in stats.items()}
+        rewards = [t.reward for t in trajectories]
         out[budget] = {"cut": cut, "calls": calls, "cut_share": sum(cut.values()) / max(sum(calls.values()), 1),
                        "reward_mean": sum(rewards) / len(rewards), "trajectories": len(rewards), "rollout_s": secs}
         r = out[budget]
